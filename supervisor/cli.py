@@ -1,0 +1,150 @@
+"""`synapsectl`: the operator's command line.
+
+Offline verbs (`init`, `validate`, `plan`, `schema`) work without a daemon and without Docker.
+The others are thin clients of the daemon's control API (see `control_client`). Every verb takes
+`--json`; errors are one line on stderr, with exit codes from `errors.exit_code_for`:
+0 ok, 1 command failed, 2 bad input, 3 daemon or Docker not reachable, 4 start failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import catalogue, schema
+from .errors import SupervisorError, exit_code_for
+from .prepare import prepare
+
+
+def _stack_path(args: argparse.Namespace) -> Path:
+    return Path(args.stack or os.environ.get("SYNAPSE_STACK") or "stack.yaml")
+
+
+def _emit(args: argparse.Namespace, data: dict, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(human)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .init import init_stack
+    stack_file = init_stack(Path(args.directory), args.server_name, name=args.name,
+                            isolated=args.isolated, client_port=args.client_port,
+                            federation_port=args.federation_port,
+                            metrics_port=args.metrics_port)
+    _emit(args, {"stack_file": str(stack_file)},
+          f"wrote {stack_file}\nnext: synapsectl validate --stack {stack_file}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    prepared = prepare(_stack_path(args))
+    stack = prepared.stack
+    for line in prepared.warnings + tuple(prepared.rendered.notes):
+        print(f"note: {line}", file=sys.stderr) if not args.json else None
+    summary = (f"{stack.stack_file}: ok: {len(stack.instances)} Synapse processes "
+               f"(main + {len(stack.workers)} workers)"
+               + (f", managed {' and '.join(stack.managed_services)}"
+                  if stack.managed_services else ""))
+    _emit(args, {"ok": True, "stack": stack.name, "instances": [i.name for i in stack.instances],
+                 "warnings": list(prepared.warnings), "notes": prepared.rendered.notes}, summary)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    prepared = prepare(_stack_path(args))
+    plan = prepared.plan
+    roles = {i.name: i.type for i in prepared.stack.instances}
+    if args.show_config:
+        files = prepared.rendered.config_files(args.show_config)
+        if args.show_config not in roles:
+            raise SupervisorError(f"plan: unknown instance {args.show_config!r} "
+                                  f"(fix: use one of {', '.join(roles)})")
+        import yaml
+        for name in files[:2]:
+            print(f"# /conf/{name}")
+            print(yaml.safe_dump(prepared.rendered.files[name], sort_keys=False))
+        return 0
+    data = {
+        "stack": prepared.stack.name,
+        "start": [{"tier": t.name, "members": list(t.members)} for t in plan.start],
+        "stop": [{"tier": t.name, "members": list(t.members)} for t in plan.stop],
+        "roles": roles,
+        "notes": prepared.rendered.notes,
+    }
+    human = plan.describe()
+    if prepared.rendered.notes:
+        human += "\nnotes:\n" + "\n".join(f"  {n}" for n in prepared.rendered.notes)
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(schema.SCHEMA, indent=2))
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    rows = {name: {"summary": t.summary, "singleton": t.singleton,
+                   "legacy_names": list(t.legacy_names), "routes": list(t.routes)}
+            for name, t in catalogue.WORKER_TYPES.items()}
+    human = "\n".join(f"{name:20} {'(one only) ' if t.singleton else ''}{t.summary}"
+                      for name, t in catalogue.WORKER_TYPES.items())
+    _emit(args, rows, human)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--stack", help="stack file (default: $SYNAPSE_STACK or ./stack.yaml)")
+    parser = argparse.ArgumentParser(prog="synapsectl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("init", parents=[common], help="write a new stack directory")
+    p.add_argument("directory")
+    p.add_argument("--server-name", required=True)
+    p.add_argument("--name", help="stack name (default: from the server name)")
+    p.add_argument("--isolated", action="store_true",
+                   help="no trusted key servers (offline machines, tests)")
+    p.add_argument("--client-port", type=int, default=8008)
+    p.add_argument("--federation-port", type=int, default=8448)
+    p.add_argument("--metrics-port", type=int, default=9400)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("validate", parents=[common], help="check a stack without starting it")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("plan", parents=[common], help="print the start and stop order")
+    p.add_argument("--show-config", metavar="INSTANCE",
+                   help="print the Synapse config rendered for one instance")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("schema", parents=[common], help="print the stack file's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("workers", parents=[common], help="list the worker types")
+    p.set_defaults(func=cmd_workers)
+    try:
+        from . import control_client
+        control_client.add_verbs(sub, common)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SupervisorError as err:
+        print(f"synapsectl: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
