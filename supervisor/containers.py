@@ -170,7 +170,7 @@ def postgres_spec(prepared: Prepared, image_id: str = "") -> ContainerSpec:
         mounts=(Mount(layout.pg_volume, "/var/lib/postgresql/data", kind="volume"),
                 Mount(str(layout.postgres_secret_dir), "/run/secrets", read_only=True)),
         resources=pg.resources, stop_signal="SIGINT", stop_timeout=stack.restart.stop_timeout,
-        cap_drop=("ALL",), cap_add=("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"),
+        user=f"{POSTGRES_UID}:{POSTGRES_UID}", cap_drop=("ALL",),
         security_opt=("no-new-privileges",))
     return _finish(spec, stack, [image_id, prepared.inputs.postgres_password or ""])
 
@@ -181,7 +181,7 @@ def redis_spec(prepared: Prepared, image_id: str = "") -> ContainerSpec:
         instance=REDIS, role=REDIS, name=layout.container(REDIS), image=stack.images.redis,
         network=layout.network, resources=stack.redis.resources,
         stop_timeout=stack.restart.stop_timeout, cap_drop=("ALL",),
-        cap_add=("SETUID", "SETGID"), security_opt=("no-new-privileges",))
+        security_opt=("no-new-privileges",))
     return _finish(spec, stack, [image_id])
 
 

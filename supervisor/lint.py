@@ -76,7 +76,7 @@ def _check_writers(stack: Stack, rendered: Rendered) -> None:
                                   "replication listener", "report this as a bug")
 
 
-def _published(stack: Stack) -> list[tuple[str, str]]:
+def published(stack: Stack) -> list[tuple[str, str]]:
     pub = [("publish.client", stack.publish.client),
            ("publish.federation", stack.publish.federation),
            ("daemon.metrics_address", stack.daemon.metrics_address)]
@@ -91,7 +91,7 @@ def host_port(address: str) -> tuple[str, int]:
 
 def _check_ports(stack: Stack) -> None:
     seen: dict[int, str] = {}
-    for key, address in _published(stack):
+    for key, address in published(stack):
         port = host_port(address)[1]
         if not 1 <= port <= 65535:
             raise ConfigError(stack.stack_file, key, f"port {port} is out of range",

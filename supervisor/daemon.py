@@ -1,0 +1,116 @@
+"""`synapse-supervisor --stack FILE`: the daemon, in the foreground (what systemd runs).
+
+The runbook, in order:
+  1. validate the stack exactly as `synapsectl validate` does; on any error touch nothing;
+  2. check the host: one daemon per stack, published ports free;
+  3. write the state directory, create network and volumes, adopt or create containers;
+  4. start tier by tier (PostgreSQL and Redis, main, all workers in parallel), each member
+     waited for until really ready; report the stack ready (log, sd_notify READY=1);
+  5. watch Docker's events and restart what dies, dependency-first, with backoff;
+  6. on SIGTERM/SIGINT stop in reverse order (a second signal: quicker, still ordered).
+Exit codes: 0 stopped cleanly, 1 failure, 2 bad input, 3 Docker unreachable, 4 start failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import __version__, logs, sd_notify
+from .docker_adapter import DockerEngine
+from .errors import ConfigError, StartFailed, SupervisorError, exit_code_for
+from .loop import Supervisor, install_signal_handlers
+from .prepare import prepare
+from .preflight import check_ports, lock_stack
+from .state import State
+
+
+def status_line(sup: Supervisor) -> str:
+    recs = list(sup.records.values())
+    ready = sum(r.state is State.READY for r in recs)
+    trouble = [f"{r.instance} {r.state.value}" for r in recs
+               if r.state in (State.BACKOFF, State.FAILED, State.WAITING)]
+    return f"{sup.phase}: {ready}/{len(recs)} ready" + (f"; {', '.join(trouble)}"
+                                                       if trouble else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synapse-supervisor", description=__doc__.splitlines()[0])
+    parser.add_argument("--stack", default=os.environ.get("SYNAPSE_STACK", "stack.yaml"))
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, json={"auto": None, "json": True,
+                                         "console": False}[args.log_format])
+    try:
+        prepared = prepare(args.stack)
+    except SupervisorError as err:
+        print(f"synapse-supervisor: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    log = logs.get(prepared.stack.name)
+    for warning in prepared.warnings:
+        log.warning("lint", message=warning)
+    try:
+        lock_fd = lock_stack(prepared.stack)
+        engine = DockerEngine()
+        running = {c.instance for c in engine.list_stack(prepared.stack.name) if c.running}
+        check_ports(prepared.stack, running)
+    except SupervisorError as err:
+        print(f"synapse-supervisor: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    return run(prepared, engine, log, lock_fd)
+
+
+def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
+    last_status = [""]
+
+    def on_change(sup: Supervisor) -> None:
+        line = status_line(sup)
+        if line != last_status[0]:
+            last_status[0] = line
+            sd_notify.status(line)
+
+    sup = Supervisor(prepared, engine, log, on_change=on_change)
+    install_signal_handlers(sup)
+    log.info("daemon_starting", version=__version__, stack_file=str(prepared.stack.stack_file),
+             pid=os.getpid())
+    code = 0
+    try:
+        sup.prepare_docker()
+        sup.start_stack()
+        if not sup.stop_requested:
+            sd_notify.ready(status_line(sup))
+            watchdog = sd_notify.watchdog_interval()
+            last_ping = 0.0
+            while not sup.stop_requested:
+                sup._pump(timeout=min(1.0, watchdog or 1.0))
+                if watchdog and time.monotonic() - last_ping >= watchdog:
+                    sd_notify.watchdog()  # only from the loop: a stuck loop stops pinging
+                    last_ping = time.monotonic()
+    except StartFailed as err:
+        log.error("start_failed", error=str(err))
+        print(f"synapse-supervisor: {err}", file=sys.stderr)
+        code = err.exit_code
+    except ConfigError as err:
+        print(f"synapse-supervisor: {err}", file=sys.stderr)
+        code = err.exit_code
+    except SupervisorError as err:
+        log.error("failed", error=str(err))
+        print(f"synapse-supervisor: {err}", file=sys.stderr)
+        code = err.exit_code
+    finally:
+        sd_notify.stopping()
+        try:
+            sup.stop_stack()
+        finally:
+            sup.close()
+            os.close(lock_fd)
+    log.info("daemon_exit", code=code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

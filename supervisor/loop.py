@@ -1,0 +1,537 @@
+"""The supervisor loop: one owner of all container state, fed by one queue of typed messages.
+
+Docker events (a thread reading the engine's event stream), Synapse's sd_notify messages (the
+notify listener thread), probe results and API-call results (a small thread pool), control
+requests and signals all arrive on `self.queue`; only the loop thread reads it and changes a
+`Record`. The ordering comes from `lifecycle`: start tier by tier (members in parallel, each
+waited for until ready), stop the same graph inverted, and after a crash restore what is down
+dependency-first, with exponential backoff. Docker is reached only through `DockerEngine`.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import lifecycle, probes
+from .containers import SYNAPSE_UID, ContainerSpec, layout_of, specs
+from .docker_adapter import ContainerEvent, DockerEngine
+from .errors import StartFailed, SupervisorError
+from .lifecycle import Observed
+from .notify_listener import NotifyListener
+from .prepare import Prepared
+from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, REDIS
+from .state import (BackoffPolicy, Record, State, exit_reason, next_delay, record_death,
+                    transition)
+from .statedir import materialize
+
+RELIST_EVERY = 30.0
+PROBE_INTERVAL = 0.1
+
+
+# --- messages on the queue ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DockerMsg:
+    event: ContainerEvent
+
+
+@dataclass(frozen=True)
+class NotifyMsg:
+    instance: str
+    fields: dict
+
+
+@dataclass(frozen=True)
+class StartedMsg:
+    instance: str
+    generation: int
+    ip: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ProbeMsg:
+    instance: str
+    generation: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class RelistMsg:
+    reason: str
+
+
+@dataclass(frozen=True)
+class WakeMsg:
+    pass
+
+
+@dataclass
+class CallMsg:
+    """Run `func(supervisor)` in the loop thread (control requests); the result goes to
+    `reply`."""
+
+    func: Callable[["Supervisor"], Any]
+    reply: "queue.Queue[tuple[bool, Any]]" = field(default_factory=lambda: queue.Queue(1))
+
+
+class Supervisor:
+    def __init__(self, prepared: Prepared, engine: DockerEngine, log,
+                 on_change: Callable[["Supervisor"], None] | None = None) -> None:
+        self.prepared = prepared
+        self.stack = prepared.stack
+        self.engine = engine
+        self.log = log
+        self.layout = layout_of(self.stack)
+        self.queue: queue.Queue = queue.Queue()
+        self.records: dict[str, Record] = {}
+        self.specs: dict[str, ContainerSpec] = {}
+        self.deps = lifecycle.dependencies(self.stack)
+        self.dependents = lifecycle.dependents(self.deps)
+        r = self.stack.restart
+        self.policy = BackoffPolicy(initial=r.initial_delay, maximum=r.max_delay,
+                                    multiplier=r.multiplier, jitter=r.jitter,
+                                    stable_after=r.stable_after, max_attempts=r.max_attempts)
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="docker")
+        self.phase = "starting"  # starting, ready, degraded, stopping, stopped
+        self.stop_requested = False
+        self.fast_stop = False
+        self.event_reconnects = 0
+        self.started_monotonic = time.monotonic()
+        self.ready_at: float | None = None
+        self.on_change = on_change or (lambda s: None)
+        self._closed = threading.Event()
+        self._last_relist = time.monotonic()
+        self.notify = NotifyListener(lambda inst, f: self.queue.put(NotifyMsg(inst, f)))
+        self._events_thread: threading.Thread | None = None
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def prepare_docker(self) -> None:
+        """Write the state directory, make the network and volumes, then converge containers
+        (adopt what matches, create what is missing, recreate what changed)."""
+        images = {img: self.engine.image_id(img) for img in self._images()}
+        missing = [img for img, found in images.items() if not found]
+        if missing:
+            raise SupervisorError(f"image {missing[0]} not found (fix: run image/build, or set "
+                                  "images: in the stack file)")
+        self.specs = specs(self.prepared, {k: v or "" for k, v in images.items()})
+        changed = materialize(self.prepared)
+        if changed:
+            self.log.info("state_written", files=len(changed))
+        self.engine.ensure_network(self.layout)
+        if self.stack.postgres.mode == "managed":
+            self.engine.ensure_volume(self.layout, self.layout.pg_volume)
+        self.engine.ensure_volume(self.layout, self.layout.media_volume)
+        for inst, spec in self.specs.items():
+            self.records[inst] = Record(instance=inst, role=spec.role,
+                                        state_since=time.monotonic())
+            if spec.synapse:
+                self.notify.add(inst, self.layout.notify_dir(inst), uid=SYNAPSE_UID)
+        self._start_event_thread()
+        self._converge()
+
+    def _images(self) -> set[str]:
+        return {spec_image for spec_image in (
+            self.stack.images.synapse,
+            self.stack.images.postgres if self.stack.postgres.mode == "managed" else None,
+            self.stack.images.redis if self.stack.redis.mode == "managed" else None) if spec_image}
+
+    def _converge(self) -> None:
+        found = self.engine.list_stack(self.stack.name)
+        by_id = {c.container_id: c for c in found}
+        observed = [Observed(c.instance, c.container_id, c.config_hash, c.running) for c in found]
+        desired = {inst: spec.config_hash for inst, spec in self.specs.items()}
+        plan = lifecycle.converge(desired, observed)
+        for action in plan.actions:
+            self.log.info("converge", action=action.kind, instance=action.instance,
+                          reason=action.reason)
+        # Removals first (orphans, duplicates, stale configs), workers before main.
+        stale = [o for o in observed if o.instance not in desired or
+                 o.config_hash != desired.get(o.instance)]
+        order = {name: n for n, lv in enumerate(lifecycle.levels(self.dependents))
+                 for name in lv}
+        for obs in sorted(stale, key=lambda o: order.get(o.instance, -1)):
+            if obs.running:
+                self.engine.stop(obs.container_id, self.stack.restart.stop_timeout)
+            self.engine.remove(obs.container_id)
+        kept = {o.instance: by_id[o.container_id] for o in observed
+                if desired.get(o.instance) == o.config_hash}
+        for inst, spec in self.specs.items():
+            rec = self.records[inst]
+            info = kept.get(inst)
+            if info is None:
+                rec.container_id = self.engine.create(spec)
+                self.log.info("created", instance=inst, container=rec.container_id[:12])
+                continue
+            rec.container_id = info.container_id
+            rec.ip = info.ip
+            if info.running:
+                # Adopted without a restart: prove readiness by probing, not by notify.
+                transition(rec, State.STARTING, time.monotonic(), "adopted running")
+                rec.extra["adopted"] = True
+                self._probe(rec)
+
+    def _start_event_thread(self) -> None:
+        since = time.time()
+
+        def run() -> None:
+            nonlocal since
+            while not self._closed.is_set():
+                try:
+                    for ev in self.engine.events(self.stack.name, since=since):
+                        since = ev.time_nano / 1e9
+                        self.queue.put(DockerMsg(ev))
+                        if self._closed.is_set():
+                            return
+                except Exception as err:  # the stream dropped: reconnect and relist
+                    self.log.warning("event_stream_error", error=str(err)[:200])
+                if self._closed.is_set():
+                    return
+                self.event_reconnects += 1
+                self.queue.put(RelistMsg("event stream reconnected"))
+                time.sleep(1.0)
+
+        self._events_thread = threading.Thread(target=run, name="docker-events", daemon=True)
+        self._events_thread.start()
+
+    # --- start ---------------------------------------------------------------------------
+
+    def start_stack(self) -> None:
+        """Start tier by tier; each tier's members in parallel; wait until each is ready."""
+        self.phase = "starting"
+        t0 = time.monotonic()
+        for tier in self.prepared.plan.start:
+            tier_t0 = time.monotonic()
+            self.log.info("tier_starting", tier=tier.name, members=list(tier.members))
+            for inst in tier.members:
+                rec = self.records[inst]
+                if rec.state in (State.STOPPED, State.FAILED, State.WAITING, State.BACKOFF):
+                    self._start(rec, "stack start")
+            critical = tier.name != "workers"
+            timeout = self.stack.restart.main_ready_timeout if tier.name == "main" \
+                else self.stack.restart.ready_timeout
+            self._wait_tier(tier.members, critical, time.monotonic() + timeout)
+            if self.stop_requested:
+                return
+            self.log.info("tier_ready", tier=tier.name,
+                          seconds=round(time.monotonic() - tier_t0, 3))
+        self._update_phase()
+        self.ready_at = time.monotonic()
+        self.log.info("stack_ready" if self.phase == "ready" else "stack_degraded",
+                      seconds=round(self.ready_at - t0, 3),
+                      ready=sum(r.state is State.READY for r in self.records.values()),
+                      total=len(self.records))
+
+    def _wait_tier(self, members, critical: bool, deadline: float) -> None:
+        while True:
+            recs = [self.records[m] for m in members]
+            if all(r.state is State.READY for r in recs):
+                return
+            if not critical and all(r.state in (State.READY, State.FAILED) for r in recs):
+                return
+            if self.stop_requested:
+                return
+            if critical:
+                bad = [r for r in recs if r.state in (State.BACKOFF, State.FAILED)]
+                if bad or time.monotonic() > deadline:
+                    rec = bad[0] if bad else next(r for r in recs if r.state is not State.READY)
+                    why = rec.last_exit_reason if bad else "not ready in time"
+                    lines = self.engine.last_lines(rec.container_id) if rec.container_id else []
+                    for line in lines:
+                        self.log.error("container_output", instance=rec.instance, line=line)
+                    raise StartFailed(f"{rec.instance} did not become ready ({why}); no later "
+                                      f"tier was started. Last output: "
+                                      f"{lines[-1] if lines else '(none)'}")
+            self._pump(timeout=0.2)
+
+    def _start(self, rec: Record, reason: str) -> None:
+        spec = self.specs[rec.instance]
+        transition(rec, State.STARTING, time.monotonic(), reason)
+        rec.extra.pop("notified", None)
+        rec.extra.pop("adopted", None)
+        rec.ip = None
+        gen = rec.generation
+        self.log.info("starting", instance=rec.instance, reason=reason,
+                      container=(rec.container_id or "")[:12])
+        container_id = rec.container_id
+
+        def call() -> None:
+            try:
+                cid = container_id
+                if cid is None or self.engine.inspect(cid) is None:
+                    cid = self.engine.create(spec)
+                    self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
+                self.engine.start(cid)
+                info = self.engine.inspect(cid)
+                self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
+            except Exception as err:
+                self.queue.put(StartedMsg(rec.instance, gen, None, str(err)))
+
+        self.pool.submit(call)
+        self.on_change(self)
+
+    def _probe(self, rec: Record) -> None:
+        """Poll the honest readiness signal in a worker thread until it holds."""
+        inst, gen, ip = rec.instance, rec.generation, rec.ip
+        if ip is None:
+            return
+        if inst == POSTGRES:
+            pg = self.stack.postgres
+            check = lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)  # noqa: E731
+        elif inst == REDIS:
+            check = lambda: probes.redis_answers(ip, 6379)  # noqa: E731
+        else:
+            check = lambda: probes.synapse_ready(ip, CLIENT_PORT, METRICS_PORT)  # noqa: E731
+        limit = time.monotonic() + max(self.stack.restart.ready_timeout,
+                                       self.stack.restart.main_ready_timeout) + 5
+
+        def run() -> None:
+            while not self._closed.is_set() and rec.generation == gen and \
+                    time.monotonic() < limit:
+                if check():
+                    self.queue.put(ProbeMsg(inst, gen, True))
+                    return
+                time.sleep(PROBE_INTERVAL)
+
+        self.pool.submit(run)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run_until_stopped(self) -> None:
+        while not self.stop_requested:
+            self._pump(timeout=1.0)
+
+    def _pump(self, timeout: float) -> None:
+        """Handle queued messages for up to `timeout` seconds, then the timers."""
+        due = [r.retry_at for r in self.records.values() if r.retry_at is not None]
+        now = time.monotonic()
+        wait = max(0.0, min([timeout] + [d - now for d in due]))
+        try:
+            msg = self.queue.get(timeout=wait)
+            self._handle(msg)
+            while True:  # drain what else is there without waiting
+                self._handle(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        self._timers()
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, DockerMsg):
+            self._on_docker(msg.event)
+        elif isinstance(msg, NotifyMsg):
+            self._on_notify(msg)
+        elif isinstance(msg, StartedMsg):
+            self._on_started(msg)
+        elif isinstance(msg, ProbeMsg):
+            self._on_probe(msg)
+        elif isinstance(msg, RelistMsg):
+            self._relist(msg.reason)
+        elif isinstance(msg, CallMsg):
+            try:
+                msg.reply.put((True, msg.func(self)))
+            except Exception as err:  # reported to the caller, never kills the loop
+                msg.reply.put((False, err))
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        for rec in self.records.values():
+            if rec.state is State.BACKOFF and rec.retry_at is not None and now >= rec.retry_at:
+                if self._deps_ready(rec.instance):
+                    self.records[rec.instance].restarts += 1
+                    self._start(rec, f"restart after {rec.last_exit_reason}")
+                else:
+                    transition(rec, State.WAITING, now, "a dependency is not ready")
+                    rec.retry_at = None
+                    self.log.info("waiting", instance=rec.instance,
+                                  on=[d for d in self.deps[rec.instance]
+                                      if self.records[d].state is not State.READY])
+            elif rec.state is State.STARTING and rec.started_at is not None and \
+                    not self.stop_requested:
+                limit = self.stack.restart.main_ready_timeout if rec.instance == MAIN else \
+                    self.stack.restart.ready_timeout
+                if now - rec.started_at > limit and rec.container_id and \
+                        not rec.extra.get("timed_out"):
+                    rec.extra["timed_out"] = True
+                    self.log.warning("ready_timeout", instance=rec.instance, seconds=limit)
+                    self.pool.submit(self.engine.kill, rec.container_id)
+        if now - self._last_relist > RELIST_EVERY:
+            self._relist("periodic")
+
+    def _deps_ready(self, inst: str) -> bool:
+        return all(self.records[d].state is State.READY for d in self.deps[inst])
+
+    # --- handlers --------------------------------------------------------------------------
+
+    def _record_for(self, ev: ContainerEvent) -> Record | None:
+        rec = self.records.get(ev.instance)
+        if rec is None or (rec.container_id and ev.container_id != rec.container_id):
+            return None
+        return rec
+
+    def _on_docker(self, ev: ContainerEvent) -> None:
+        rec = self._record_for(ev)
+        if rec is None:
+            return
+        if ev.action == "oom":
+            rec.extra["oom"] = True
+        elif ev.action == "die":
+            self._on_death(rec, ev.exit_code)
+        elif ev.action == "destroy":
+            rec.container_id = None
+            if rec.state in (State.READY, State.STARTING):
+                self._on_death(rec, None)
+
+    def _on_death(self, rec: Record, exit_code: int | None) -> None:
+        if rec.state not in (State.STARTING, State.READY):
+            return  # expected (stopping) or already handled
+        info = self.engine.inspect(rec.container_id) if rec.container_id else None
+        oom = bool(info and info.oom_killed) or rec.extra.pop("oom", False)
+        code = info.exit_code if info else exit_code
+        rec.last_exit_code = code
+        rec.last_exit_reason = "ready timeout" if rec.extra.pop("timed_out", False) else \
+            exit_reason(code, oom)
+        now = time.monotonic()
+        was_ready = rec.state is State.READY
+        record_death(rec, self.policy, now, was_ready)
+        self.log.warning("died", instance=rec.instance, container=(rec.container_id or "")[:12],
+                         reason=rec.last_exit_reason, was_ready=was_ready, attempts=rec.attempts)
+        if not was_ready and rec.attempts >= self.policy.max_attempts:
+            transition(rec, State.FAILED, now, f"died {rec.attempts} times before ready")
+            for line in self.engine.last_lines(rec.container_id or "", 5):
+                self.log.error("container_output", instance=rec.instance, line=line)
+            self.log.error("failed", instance=rec.instance, attempts=rec.attempts,
+                           reason=rec.last_exit_reason)
+        else:
+            rec.backoff_delay = next_delay(self.policy, rec.attempts)
+            transition(rec, State.BACKOFF, now, rec.last_exit_reason)
+            rec.retry_at = now + rec.backoff_delay
+            self.log.info("backoff", instance=rec.instance, seconds=round(rec.backoff_delay, 3))
+        self._update_phase()
+
+    def _on_notify(self, msg: NotifyMsg) -> None:
+        rec = self.records.get(msg.instance)
+        if rec is None:
+            return
+        if msg.fields.get("READY") == "1" and rec.state is State.STARTING:
+            rec.extra["notified"] = rec.generation
+            self.log.info("listening", instance=rec.instance)
+            self._probe(rec)
+
+    def _on_started(self, msg: StartedMsg) -> None:
+        rec = self.records[msg.instance]
+        if msg.generation != rec.generation or rec.state is not State.STARTING:
+            return
+        if msg.error:
+            self.log.error("start_failed", instance=rec.instance, error=msg.error)
+            self._on_death(rec, None)
+            return
+        rec.ip = msg.ip
+        # Synapse: wait for its own READY=1 before probing replication.
+        if not self.specs[rec.instance].synapse or rec.extra.get("notified") == rec.generation:
+            self._probe(rec)
+
+    def _on_probe(self, msg: ProbeMsg) -> None:
+        rec = self.records[msg.instance]
+        if msg.generation != rec.generation or rec.state is not State.STARTING or not msg.ok:
+            return
+        transition(rec, State.READY, time.monotonic(), "ready")
+        self.log.info("ready", instance=rec.instance, container=(rec.container_id or "")[:12],
+                      seconds=round(rec.last_time_to_ready or 0, 3))
+        # Whoever waited for this dependency may go now.
+        for dep in self.dependents.get(rec.instance, ()):
+            d = self.records[dep]
+            if d.state is State.WAITING and self._deps_ready(dep) and not self.stop_requested:
+                self._start(d, f"{rec.instance} is ready again")
+        self._update_phase()
+
+    def _relist(self, reason: str) -> None:
+        self._last_relist = time.monotonic()
+        try:
+            found = {c.container_id: c for c in self.engine.list_stack(self.stack.name)}
+        except Exception as err:
+            self.log.warning("relist_failed", error=str(err)[:200])
+            return
+        for rec in self.records.values():
+            info = found.get(rec.container_id or "")
+            if rec.state in (State.READY, State.STARTING) and (info is None or
+                                                              info.status == "exited"):
+                if rec.state is State.STARTING and info is not None and info.status == "created":
+                    continue
+                self.log.info("relist_found_dead", instance=rec.instance, reason=reason)
+                if info is None:
+                    rec.container_id = None
+                self._on_death(rec, info.exit_code if info else None)
+
+    def _update_phase(self) -> None:
+        if self.phase in ("stopping", "stopped"):
+            pass
+        elif all(r.state is State.READY for r in self.records.values()):
+            self.phase = "ready"
+        elif self.ready_at is not None:
+            self.phase = "degraded"
+        self.on_change(self)
+
+    # --- stop ----------------------------------------------------------------------------
+
+    def request_stop(self, fast: bool = False) -> None:
+        if self.stop_requested:
+            self.fast_stop = True
+        self.stop_requested = True
+        self.fast_stop = self.fast_stop or fast
+        self.queue.put(WakeMsg())
+
+    def stop_stack(self, tiers=None) -> None:
+        """Stop tier by tier: workers (in parallel), main, then PostgreSQL and Redis.
+        Volumes are never removed."""
+        self.phase = "stopping"
+        self.on_change(self)
+        t0 = time.monotonic()
+        for tier in tiers or self.prepared.plan.stop:
+            recs = [self.records[m] for m in tier.members
+                    if self.records[m].container_id and
+                    self.records[m].state is not State.STOPPED]
+            if not recs:
+                continue
+            now = time.monotonic()
+            for rec in recs:
+                rec.retry_at = None
+                transition(rec, State.STOPPING, now, "stack stop")
+            self.log.info("tier_stopping", tier=tier.name, members=[r.instance for r in recs])
+            timeout = 1.0 if self.fast_stop else self.stack.restart.stop_timeout
+            futures = {self.pool.submit(self.engine.stop, r.container_id, timeout): r
+                       for r in recs}
+            killed = self.fast_stop
+            while not all(f.done() for f in futures):
+                time.sleep(0.1)
+                if self.fast_stop and not killed:
+                    killed = True
+                    for r in recs:
+                        self.engine.kill(r.container_id)
+            for rec in recs:
+                transition(rec, State.STOPPED, time.monotonic(), "stopped")
+            self.log.info("tier_stopped", tier=tier.name)
+        self.phase = "stopped"
+        self.log.info("stack_stopped", seconds=round(time.monotonic() - t0, 3))
+        self.on_change(self)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.notify.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def install_signal_handlers(sup: Supervisor) -> None:
+    def handler(signum, frame) -> None:
+        sup.log.info("signal", signal=signal.Signals(signum).name,
+                     again=sup.stop_requested)
+        sup.request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

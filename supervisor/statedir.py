@@ -1,0 +1,81 @@
+"""Write the stack's state directory: rendered configs and secret copies the containers mount.
+
+Layout under `state_dir` (mode 0700):
+  conf/                  mounted read-only at /conf in every Synapse container (owner 991)
+    shared.yaml, <instance>.yaml, log/<instance>.yaml   (0600)
+    secrets/signing.key, secrets/replication_secret     (0600)
+  postgres/postgres_password   mounted at /run/secrets in PostgreSQL (owner 999, 0600)
+  notify/<instance>/notify.sock   Synapse's sd_notify target (owner 991, 0600)
+Files are written atomically and only when their content changed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .containers import POSTGRES_UID, SYNAPSE_UID, layout_of
+from .prepare import Prepared
+
+
+def _owner(uid: int) -> int | None:
+    return uid if os.geteuid() == 0 else None
+
+
+def write_private(path: Path, content: str, uid: int | None) -> bool:
+    """Write `content` with mode 0600 (and owner `uid` when root); True if it changed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.read_text() == content:
+            if uid is not None:
+                os.chown(path, uid, uid)
+            os.chmod(path, 0o600)
+            return False
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, 0o600)
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _private_dir(path: Path, uid: int | None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    if uid is not None:
+        os.chown(path, uid, uid)
+
+
+def materialize(prepared: Prepared) -> list[str]:
+    """Write every file the containers need; return the relative paths that changed."""
+    stack = prepared.stack
+    layout = layout_of(stack)
+    synapse_uid, pg_uid = _owner(SYNAPSE_UID), _owner(POSTGRES_UID)
+    _private_dir(stack.state_dir, None)
+    _private_dir(layout.conf_dir, synapse_uid)
+    _private_dir(layout.conf_dir / "log", synapse_uid)
+    _private_dir(layout.conf_dir / "secrets", synapse_uid)
+    changed = []
+    for rel, content in prepared.rendered.files.items():
+        text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
+        if write_private(layout.conf_dir / rel, text, synapse_uid):
+            changed.append(f"conf/{rel}")
+    if stack.postgres.mode == "managed":
+        _private_dir(layout.postgres_secret_dir, pg_uid)
+        if write_private(layout.postgres_secret_dir / "postgres_password",
+                         (prepared.inputs.postgres_password or "") + "\n", pg_uid):
+            changed.append("postgres/postgres_password")
+    _private_dir(stack.state_dir / "notify", None)
+    os.chmod(stack.state_dir / "notify", 0o700)
+    return changed
