@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import catalogue, schema
+from . import catalogue, control_client, schema
 from .errors import SupervisorError, exit_code_for
 from .prepare import prepare
 
@@ -44,8 +44,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     prepared = prepare(_stack_path(args))
     stack = prepared.stack
-    for line in prepared.warnings + tuple(prepared.rendered.notes):
-        print(f"note: {line}", file=sys.stderr) if not args.json else None
+    if not args.json:
+        for line in prepared.warnings + tuple(prepared.rendered.notes):
+            print(f"note: {line}", file=sys.stderr)
     summary = (f"{stack.stack_file}: ok: {len(stack.instances)} Synapse processes "
                f"(main + {len(stack.workers)} workers)"
                + (f", managed {' and '.join(stack.managed_services)}"
@@ -126,11 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("workers", parents=[common], help="list the worker types")
     p.set_defaults(func=cmd_workers)
-    try:
-        from . import control_client
-        control_client.add_verbs(sub, common)
-    except ImportError:
-        pass
+    control_client.add_verbs(sub, common)
     return parser
 
 

@@ -14,6 +14,7 @@ Exit codes: 0 stopped cleanly, 1 failure, 2 bad input, 3 Docker unreachable, 4 s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -21,7 +22,9 @@ import time
 from . import __version__, logs, sd_notify
 from .docker_adapter import DockerEngine
 from .errors import ConfigError, StartFailed, SupervisorError, exit_code_for
+from .control import ControlServer
 from .loop import Supervisor, install_signal_handlers
+from .metrics import Metrics
 from .prepare import prepare
 from .preflight import check_ports, lock_stack
 from .state import State
@@ -34,6 +37,17 @@ def status_line(sup: Supervisor) -> str:
                if r.state in (State.BACKOFF, State.FAILED, State.WAITING)]
     return f"{sup.phase}: {ready}/{len(recs)} ready" + (f"; {', '.join(trouble)}"
                                                        if trouble else "")
+
+
+def write_targets(sup: Supervisor, path) -> None:
+    """Prometheus file_sd: every Synapse process's metrics endpoint, with labels."""
+    from .operations import metrics_targets
+    from .statedir import write_private
+    try:
+        write_private(path, json.dumps(metrics_targets(sup), indent=1), None)
+        os.chmod(path, 0o644)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,20 +81,36 @@ def main(argv: list[str] | None = None) -> int:
 def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
     last_status = [""]
 
+    targets_file = prepared.stack.state_dir / "prometheus-targets.json"
+
     def on_change(sup: Supervisor) -> None:
         line = status_line(sup)
         if line != last_status[0]:
             last_status[0] = line
             sd_notify.status(line)
+            write_targets(sup, targets_file)
 
     sup = Supervisor(prepared, engine, log, on_change=on_change)
     install_signal_handlers(sup)
+    metrics = Metrics(sup)
+    sup.on_ready = lambda rec: metrics.observe_ready(rec.role, rec.last_time_to_ready or 0.0)
+    control = None
     log.info("daemon_starting", version=__version__, stack_file=str(prepared.stack.stack_file),
              pid=os.getpid())
     code = 0
     try:
-        sup.prepare_docker()
-        sup.start_stack()
+        if prepared.stack.daemon.metrics_address:
+            metrics.serve(prepared.stack.daemon.metrics_address)
+        control = ControlServer(sup, prepared.stack.daemon.control_socket,
+                                prepared.stack.daemon.control_group)
+        control.start()
+        log.info("control_listening", socket=str(prepared.stack.daemon.control_socket),
+                 metrics=prepared.stack.daemon.metrics_address)
+        with control.busy:
+            control.busy_with = "the first start"
+            sup.prepare_docker()
+            sup.start_stack()
+            control.busy_with = None
         if not sup.stop_requested:
             sd_notify.ready(status_line(sup))
             watchdog = sd_notify.watchdog_interval()
@@ -106,6 +136,9 @@ def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
         try:
             sup.stop_stack()
         finally:
+            if control is not None:
+                control.close()
+            metrics.close()
             sup.close()
             os.close(lock_fd)
     log.info("daemon_exit", code=code)

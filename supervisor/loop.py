@@ -106,6 +106,7 @@ class Supervisor:
         self.started_monotonic = time.monotonic()
         self.ready_at: float | None = None
         self.on_change = on_change or (lambda s: None)
+        self.on_ready: Callable[[Record], None] = lambda rec: None
         self._closed = threading.Event()
         self._last_relist = time.monotonic()
         self.notify = NotifyListener(lambda inst, f: self.queue.put(NotifyMsg(inst, f)))
@@ -268,6 +269,7 @@ class Supervisor:
                 if cid is None or self.engine.inspect(cid) is None:
                     cid = self.engine.create(spec)
                     self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
+                rec.extra["start_wall_ns"] = time.time_ns()
                 self.engine.start(cid)
                 info = self.engine.inspect(cid)
                 self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
@@ -382,6 +384,8 @@ class Supervisor:
         if ev.action == "oom":
             rec.extra["oom"] = True
         elif ev.action == "die":
+            if ev.time_nano < rec.extra.get("start_wall_ns", 0):
+                return  # the death of a run before our latest start call
             self._on_death(rec, ev.exit_code)
         elif ev.action == "destroy":
             rec.container_id = None
@@ -392,6 +396,8 @@ class Supervisor:
         if rec.state not in (State.STARTING, State.READY):
             return  # expected (stopping) or already handled
         info = self.engine.inspect(rec.container_id) if rec.container_id else None
+        if info is not None and info.running and not rec.extra.get("timed_out"):
+            return  # a stale event: the container runs (again)
         oom = bool(info and info.oom_killed) or rec.extra.pop("oom", False)
         code = info.exit_code if info else exit_code
         rec.last_exit_code = code
@@ -444,6 +450,8 @@ class Supervisor:
         transition(rec, State.READY, time.monotonic(), "ready")
         self.log.info("ready", instance=rec.instance, container=(rec.container_id or "")[:12],
                       seconds=round(rec.last_time_to_ready or 0, 3))
+        if not rec.extra.get("adopted"):
+            self.on_ready(rec)
         # Whoever waited for this dependency may go now.
         for dep in self.dependents.get(rec.instance, ()):
             d = self.records[dep]
@@ -517,8 +525,9 @@ class Supervisor:
             for rec in recs:
                 transition(rec, State.STOPPED, time.monotonic(), "stopped")
             self.log.info("tier_stopped", tier=tier.name)
-        self.phase = "stopped"
-        self.log.info("stack_stopped", seconds=round(time.monotonic() - t0, 3))
+        if all(r.state is State.STOPPED for r in self.records.values()):
+            self.phase = "stopped"
+            self.log.info("stack_stopped", seconds=round(time.monotonic() - t0, 3))
         self.on_change(self)
 
     def close(self) -> None:

@@ -1,0 +1,217 @@
+"""Helpers for integration tests that run a whole stack through the real daemon.
+
+`StackRun` writes a stack directory with `synapsectl init`, runs `synapse-supervisor` as a
+subprocess (JSON logs to a file), records Docker's own event stream for the stack, and talks to
+it through `synapsectl` and the Matrix client API, as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import docker
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+STACK_LABEL = "synapse-supervisor.stack"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(method: str, url: str, body: dict | None = None, token: str | None = None,
+              timeout: float = 30) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw or b"{}")
+        except ValueError:
+            return err.code, {"raw": raw.decode(errors="replace")}
+
+
+def metrics_text(ip: str, port: int = 9000) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{ip}:{port}/_synapse/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class EventRecorder:
+    """Docker's own event stream for one stack, as (action, instance, time) tuples."""
+
+    def __init__(self, client: docker.DockerClient, stack: str) -> None:
+        self.events: list[tuple[str, str, float]] = []
+        self._stream = client.api.events(
+            decode=True, filters={"type": "container", "label": [f"{STACK_LABEL}={stack}"]})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self._stream:
+                attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+                self.events.append((ev.get("Action", ""),
+                                    attrs.get("synapse-supervisor.instance", ""),
+                                    int(ev.get("timeNano", 0)) / 1e9))
+        except Exception:
+            pass
+
+    def of(self, action: str, since: float = 0.0) -> list[tuple[str, float]]:
+        return [(inst, t) for a, inst, t in self.events if a == action and t >= since]
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class StackRun:
+    def __init__(self, directory: Path, name: str, workers: dict[str, int],
+                 client: docker.DockerClient, restart: dict | None = None) -> None:
+        self.dir = directory
+        self.name = name
+        self.client = client
+        self.client_port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = directory.parent / f"{name}-daemon.log"
+        subprocess.run(
+            [str(VENV_BIN / "synapsectl"), "init", str(directory), "--server-name",
+             f"{name}.test", "--name", name, "--isolated", "--client-port",
+             str(self.client_port), "--federation-port", str(free_port()),
+             "--metrics-port", str(self.metrics_port)], check=True, capture_output=True)
+        self.stack_file = directory / "stack.yaml"
+        data = yaml.safe_load(self.stack_file.read_text())
+        data["workers"] = workers
+        data["daemon"]["control_socket"] = str(directory / "control.sock")
+        data["restart"].update(restart or {})
+        self.stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        hs = yaml.safe_load((directory / "homeserver.yaml").read_text())
+        hs["rc_login"] = {"address": {"per_second": 100, "burst_count": 100},
+                          "account": {"per_second": 100, "burst_count": 100}}
+        hs["rc_message"] = {"per_second": 100, "burst_count": 100}
+        (directory / "homeserver.yaml").write_text(yaml.safe_dump(hs, sort_keys=False))
+        self.events = EventRecorder(client, name)
+        self.proc: subprocess.Popen | None = None
+
+    # --- the daemon -------------------------------------------------------------------
+
+    def start_daemon(self) -> subprocess.Popen:
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "synapse-supervisor"), "--stack", str(self.stack_file),
+             "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        return self.proc
+
+    def wait_ready(self, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_tail()}")
+            code, out, _ = self.ctl("status", "--json")
+            if code in (0, 1) and out:
+                last = json.loads(out)
+                if last["state"] == "ready":
+                    return last
+            time.sleep(0.3)
+        raise AssertionError(f"stack not ready in {timeout}s: {last}\n{self.log_tail()}")
+
+    def ctl(self, *args: str, stdin: str | None = None, timeout: float = 600):
+        proc = subprocess.run([str(VENV_BIN / "synapsectl"), *args, "--stack",
+                               str(self.stack_file)], capture_output=True, text=True,
+                              input=stdin, timeout=timeout)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def status(self) -> dict:
+        code, out, err = self.ctl("status", "--json")
+        assert out, err
+        return json.loads(out)
+
+    def row(self, instance: str) -> dict:
+        return next(c for c in self.status()["containers"] if c["instance"] == instance)
+
+    def stop_daemon(self, sig=signal.SIGTERM, timeout: float = 120) -> int:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+        return self.proc.wait(timeout=timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    # --- docker views -----------------------------------------------------------------
+
+    def containers(self) -> dict[str, docker.models.containers.Container]:
+        found = self.client.containers.list(all=True, filters={"label": f"{STACK_LABEL}={self.name}"})
+        return {c.labels["synapse-supervisor.instance"]: c for c in found}
+
+    def ip(self, instance: str) -> str:
+        c = self.containers()[instance]
+        c.reload()
+        return next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.events.close()
+        flt = {"label": f"{STACK_LABEL}={self.name}"}
+        for c in self.client.containers.list(all=True, filters=flt):
+            c.remove(force=True, v=False)
+        for n in self.client.networks.list(filters=flt):
+            n.remove()
+        for v in self.client.volumes.list(filters=flt):
+            v.remove(force=True)
+
+
+def snapshot_docker(client: docker.DockerClient) -> tuple:
+    """Everything `docker ps -a`, networks and volumes show, to prove nothing changed."""
+    containers = sorted((c.id, c.status, c.attrs["State"].get("StartedAt"))
+                        for c in client.containers.list(all=True))
+    networks = sorted(n.id for n in client.networks.list())
+    volumes = sorted(v.name for v in client.volumes.list())
+    return containers, networks, volumes
