@@ -93,13 +93,21 @@ class ControlServer:
             raise value
         return value
 
+    def run_here(self, name: str, func):
+        """Run a state-changing operation in the calling (loop) thread, exclusively."""
+        return self._exclusive(name, lambda: func(self.sup))
+
     def mutate(self, name: str, func):
+        """Run a state-changing operation in the loop thread, from a request thread."""
+        return self._exclusive(name, lambda: self.call(func))
+
+    def _exclusive(self, name: str, run):
         if not self.busy.acquire(blocking=False):
             raise operations.OperationError(
                 "busy", f"the daemon is busy with {self.busy_with} (fix: wait, then retry)")
         self.busy_with = name
         try:
-            return self.call(func)
+            return run()
         finally:
             self.busy_with = None
             self.busy.release()

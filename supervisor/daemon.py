@@ -50,6 +50,19 @@ def write_targets(sup: Supervisor, path) -> None:
         pass
 
 
+def reload_from_signal(sup: Supervisor, control, log) -> None:
+    """SIGHUP (systemctl reload): re-read the stack file and apply it, telling systemd."""
+    from .operations import OperationError, reload
+    sd_notify.reloading()
+    try:
+        result = control.run_here("reload (SIGHUP)", reload)
+        log.info("reloaded", changes=len(result["changes"]))
+    except OperationError as err:
+        log.error("reload_failed", error=str(err))
+    finally:
+        sd_notify.ready(status_line(sup))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synapse-supervisor", description=__doc__.splitlines()[0])
     parser.add_argument("--stack", default=os.environ.get("SYNAPSE_STACK", "stack.yaml"))
@@ -92,6 +105,15 @@ def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
 
     sup = Supervisor(prepared, engine, log, on_change=on_change)
     install_signal_handlers(sup)
+    watchdog = sd_notify.watchdog_interval()
+    last_ping = [0.0]
+
+    def on_tick() -> None:  # called by the loop itself: a stuck loop stops pinging
+        if watchdog and time.monotonic() - last_ping[0] >= watchdog:
+            sd_notify.watchdog()
+            last_ping[0] = time.monotonic()
+
+    sup.on_tick = on_tick
     metrics = Metrics(sup)
     sup.on_ready = lambda rec: metrics.observe_ready(rec.role, rec.last_time_to_ready or 0.0)
     control = None
@@ -113,13 +135,11 @@ def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
             control.busy_with = None
         if not sup.stop_requested:
             sd_notify.ready(status_line(sup))
-            watchdog = sd_notify.watchdog_interval()
-            last_ping = 0.0
-            while not sup.stop_requested:
-                sup._pump(timeout=min(1.0, watchdog or 1.0))
-                if watchdog and time.monotonic() - last_ping >= watchdog:
-                    sd_notify.watchdog()  # only from the loop: a stuck loop stops pinging
-                    last_ping = time.monotonic()
+        while not sup.stop_requested:
+            sup._pump(timeout=1.0)
+            if sup.reload_requested:
+                sup.reload_requested = False
+                reload_from_signal(sup, control, log)
     except StartFailed as err:
         log.error("start_failed", error=str(err))
         print(f"synapse-supervisor: {err}", file=sys.stderr)

@@ -107,6 +107,8 @@ class Supervisor:
         self.ready_at: float | None = None
         self.on_change = on_change or (lambda s: None)
         self.on_ready: Callable[[Record], None] = lambda rec: None
+        self.on_tick: Callable[[], None] = lambda: None  # the loop's heartbeat (watchdog)
+        self.reload_requested = False
         self._closed = threading.Event()
         self._last_relist = time.monotonic()
         self.notify = NotifyListener(lambda inst, f: self.queue.put(NotifyMsg(inst, f)))
@@ -323,6 +325,7 @@ class Supervisor:
         except queue.Empty:
             pass
         self._timers()
+        self.on_tick()
 
     def _handle(self, msg) -> None:
         if isinstance(msg, DockerMsg):
@@ -542,5 +545,10 @@ def install_signal_handlers(sup: Supervisor) -> None:
                      again=sup.stop_requested)
         sup.request_stop()
 
+    def reload_handler(signum, frame) -> None:
+        sup.reload_requested = True
+        sup.queue.put(WakeMsg())
+
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, reload_handler)
