@@ -198,7 +198,8 @@ def http_listener(port, resources, tls=False):
         "port": port,
         "type": "http",
         "bind_addresses": ["0.0.0.0"],
-        "x_forwarded": True,
+        # 8008 sits behind a reverse proxy; 8448 may face other servers directly
+        "x_forwarded": port != PORT_FEDERATION,
     }
     if resources:
         listener["resources"] = [{"names": list(resources), "compress": False}]

@@ -167,6 +167,16 @@ def _describe(container) -> str:
     return f"{container.name}: status={state['Status']} exit={state.get('ExitCode')}\n{logs}"
 
 
+def http_status(url: str, timeout: float = 5) -> int:
+    """One GET (no proxy); returns the HTTP status code."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def wait_http(url: str, container=None, timeout: float = 60, status: int = 200) -> float:
     """Poll url until it returns `status`; returns seconds waited. Fails early if the
     container exits."""
@@ -180,6 +190,8 @@ def wait_http(url: str, container=None, timeout: float = 60, status: int = 200) 
                     return time.monotonic() - start
                 last = resp.status
         except urllib.error.HTTPError as e:
+            if e.code == status:
+                return time.monotonic() - start
             last = e.code
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             last = e

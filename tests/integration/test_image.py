@@ -16,6 +16,7 @@ from .conftest import (
     SYNAPSE_UID,
     chown_tree,
     dir_snapshot,
+    http_status,
     published_port,
     wait_healthy,
     wait_http,
@@ -290,6 +291,54 @@ def test_legacy_worker_connects_and_is_healthy(docker_client, stack, test_labels
     assert "worker_name: sync-1" in forced and "worker_app: synapse.app.generic_worker" in forced
     # Docker's own healthcheck (interval 15 s) eventually agrees; main first.
     wait_healthy(stack["main"], timeout=60)
+
+
+LEGACY_ROLES = {
+    # role: (a path its 8008 listener must serve with a non-404 answer, or None = /health only)
+    "generic_worker": "/_matrix/client/versions",
+    "client_reader": "/_matrix/client/versions",
+    "event_creator": "/_matrix/client/versions",
+    "frontend_proxy": "/_matrix/client/versions",
+    "user_dir": "/_matrix/client/versions",
+    "federation_reader": "/_matrix/federation/v1/version",
+    "media_repository": "/_matrix/media/v3/config",
+    "pusher": None,
+    "federation_sender": None,
+    "appservice": None,
+}
+
+
+def test_every_legacy_role_starts(docker_client, stack, test_labels, images, unique_name):
+    """Synapse accepts the generated config of every legacy role (started in parallel)."""
+    workers = {}
+    for role in LEGACY_ROLES:
+        name = unique_name(role.replace("_", "-"))
+        workers[role] = docker_client.containers.run(
+            images["synapse"], name=name, hostname=name, detach=True,
+            network=stack["network"].name, labels=test_labels, ports={"8008/tcp": LOCAL},
+            volumes={str(stack["data"]): {"bind": "/data", "mode": "ro"}},
+            environment={"SYNAPSE_WORKER": "synapse.app." + role,
+                         "SYNAPSE_WORKER_NAME": role.replace("_", "-") + "-1",
+                         "SYNAPSE_REPLICATION_HOST": stack["names"]["main"]},
+            read_only=True, tmpfs={"/tmp": "rw,nosuid,size=64m"}, cap_drop=["ALL"],
+        )
+    try:
+        for role, worker in workers.items():
+            port = published_port(worker)
+            wait_http(f"http://127.0.0.1:{port}/health", worker, timeout=120)
+            wait_log(worker, "REPLICATE successfully sent", timeout=60)
+            path = LEGACY_ROLES[role]
+            if path is None:  # health-only listener: everything else is 404
+                assert http_status(f"http://127.0.0.1:{port}/_matrix/client/versions") == 404, role
+            else:  # mounted: 200, or 401 for endpoints that need an access token
+                assert http_status(f"http://127.0.0.1:{port}{path}") in (200, 401), role
+            if role in ("client_reader", "pusher"):  # not federation
+                assert http_status(f"http://127.0.0.1:{port}/_matrix/federation/v1/version") == 404
+        for role, worker in workers.items():
+            assert stop_and_exit_code(worker) == 0, (role, worker.logs(tail=20))
+    finally:
+        for worker in workers.values():
+            worker.remove(force=True)
 
 
 def test_docker_stop_gives_exit_code_0(stack):
