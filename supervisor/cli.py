@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code_for(err)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `synapsectl status | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
