@@ -65,8 +65,12 @@ class InputError(Exception):
     """Bad input from the operator: reported as one line, exit code 2."""
 
 
+_warnings = []
+
+
 def warn(msg):
-    print("entrypoint: warning: %s" % msg, file=sys.stderr, flush=True)
+    """Warnings are printed just before the exec, so bad input stays one line on stderr."""
+    _warnings.append("entrypoint: warning: %s" % msg)
 
 
 def env(name, default=None):
@@ -139,6 +143,8 @@ def exec_synapse(module, config_paths, extra_args):
     for path in config_paths:
         argv += ["-c", path]
     argv += extra_args
+    for line in _warnings:
+        print(line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(PYTHON, argv)
@@ -302,9 +308,7 @@ def standalone_mode(extra_args):
         redis_env = split_host_port(redis_env, 6379, "SYNAPSE_REDIS_HOST")
     hostname = env("SYNAPSE_HOSTNAME", socket.gethostname())
     worker_name = env("SYNAPSE_WORKER_NAME", "%s-%s" % (role, socket.gethostname()))
-    cpus = env("SYNAPSE_CPU_AFFINITY")
-    if cpus is not None:
-        parse_cpus(cpus)
+    apply_cpu_affinity()  # inherited through the exec
 
     # 2. The operator's files.
     config_path = env("SYNAPSE_CONFIG_PATH", DEFAULT_CONFIG)
@@ -428,7 +432,6 @@ def standalone_mode(extra_args):
             "cannot write the generated config to %s (%s); set SYNAPSE_GENERATED_DIR to a"
             " writable directory" % (GENERATED_DIR, e.strerror)
         )
-    apply_cpu_affinity()
     exec_synapse(module, [base_path, forced_path], extra_args)
 
 

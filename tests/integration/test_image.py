@@ -354,11 +354,15 @@ def test_docker_stop_gives_exit_code_0(stack):
 # ----------------------------------------------------------------------------- bad input
 
 
-def make_data(tmp_path: Path, homeserver: bool, key: bool) -> Path:
+def make_data(tmp_path: Path, homeserver: bool, key: bool, redis: bool = True) -> Path:
     data = tmp_path / "data"
     data.mkdir()
     if homeserver:
-        (data / "homeserver.yaml").write_text(homeserver_yaml("db", "redis"))
+        text = homeserver_yaml("db", "redis")
+        if not redis:
+            text = text.replace("redis:\n  enabled: true\n  host: redis\n", "")
+            assert "redis" not in text
+        (data / "homeserver.yaml").write_text(text)
     if key:
         (data / "signing.key").write_text("ed25519 a_test AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n")
     chown_tree(data)
@@ -372,6 +376,9 @@ BAD_INPUT = [
                  "synapse.app.synchrotron", id="unknown-worker"),
     pytest.param(dict(homeserver=True, key=True), {"SYNAPSE_WORKER": "synapse.app.synchrotron"},
                  "SYNAPSE_REPLICATION_HOST", id="worker-without-replication-host"),
+    pytest.param(dict(homeserver=True, key=True, redis=False),
+                 {"SYNAPSE_WORKER": "synapse.app.pusher", "SYNAPSE_REPLICATION_HOST": "main"},
+                 "SYNAPSE_REDIS_HOST", id="worker-without-redis"),
     pytest.param(dict(homeserver=True, key=True), {"SYNAPSE_CPU_AFFINITY": "zero"},
                  "SYNAPSE_CPU_AFFINITY", id="bad-cpu-affinity"),
 ]
