@@ -225,8 +225,8 @@ class Supervisor:
                 return
             self.log.info("tier_ready", tier=tier.name,
                           seconds=round(time.monotonic() - tier_t0, 3))
-        self._update_phase()
         self.ready_at = time.monotonic()
+        self._update_phase()
         self.log.info("stack_ready" if self.phase == "ready" else "stack_degraded",
                       seconds=round(self.ready_at - t0, 3),
                       ready=sum(r.state is State.READY for r in self.records.values()),

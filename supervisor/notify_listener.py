@@ -52,7 +52,13 @@ class NotifyListener:
             if path.exists() or path.is_symlink():
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(str(path))
+            # Bind through the directory's fd: a unix socket path is limited to 107 bytes,
+            # state directories are not.
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                sock.bind(f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}")
+            finally:
+                os.close(dir_fd)
             sock.setblocking(False)
             os.chmod(path, 0o600)
             if uid is not None and os.geteuid() == 0:

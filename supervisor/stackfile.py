@@ -149,6 +149,10 @@ def _build(path: Path, data: dict) -> Stack:
                               f"use one of {', '.join(sorted(names))}")
     daemon = data.get("daemon", {})
     name = data["name"]
+    control = daemon.get("control_socket", f"/run/synapse-stack/{name}/control.sock")
+    if len(str((base / control).absolute()).encode()) > 107:
+        raise ConfigError(path, "daemon.control_socket", "path is longer than the 107 bytes a "
+                          "unix socket allows", "choose a shorter path, e.g. under /run")
     return Stack(
         name=name,
         server_name=data["server_name"],
@@ -163,8 +167,7 @@ def _build(path: Path, data: dict) -> Stack:
         publish=publish,
         restart=RestartPolicy(**data.get("restart", {})),
         daemon=DaemonSettings(
-            control_socket=Path(daemon.get("control_socket",
-                                           f"/run/synapse-stack/{name}/control.sock")),
+            control_socket=(base / control).absolute(),
             control_group=daemon.get("control_group"),
             metrics_address=daemon.get("metrics_address", "127.0.0.1:9400"),
         ),

@@ -1,0 +1,132 @@
+"""Event histories replayed through the real supervisor loop, with a scripted engine.
+
+Probes are replaced by "always ready" (no network); Synapse readiness still arrives as READY=1
+on the real notify sockets. What is asserted is the runbook: order, waiting, backoff, failure.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import structlog
+
+from supervisor import loop as loop_mod
+from supervisor.errors import StartFailed
+from supervisor.loop import Supervisor
+from supervisor.prepare import prepare
+from supervisor.state import State
+from tests.unit.conftest import edit_yaml
+from tests.unit.fake_engine import FakeEngine
+
+WORKERS = ["sync-1", "event-persister-1"]
+
+
+@pytest.fixture
+def make(stack_dir, monkeypatch):
+    monkeypatch.setattr(loop_mod.probes, "postgres_accepts", lambda *a, **k: True)
+    monkeypatch.setattr(loop_mod.probes, "redis_answers", lambda *a, **k: True)
+    monkeypatch.setattr(loop_mod.probes, "synapse_ready", lambda *a, **k: True)
+    edit_yaml(stack_dir / "stack.yaml", lambda d: d.update(
+        workers={"sync": 1, "event_persister": 1},
+        restart={"initial_delay": 0.05, "max_delay": 0.2, "max_attempts": 3,
+                 "ready_timeout": 5, "main_ready_timeout": 5}))
+    made = []
+
+    def build(behaviour=None):
+        prepared = prepare(stack_dir / "stack.yaml")
+        engine = FakeEngine(prepared.stack.state_dir, behaviour)
+        sup = Supervisor(prepared, engine, structlog.get_logger())
+        sup.prepare_docker()
+        made.append((sup, engine))
+        return sup, engine
+
+    yield build
+    for sup, engine in made:
+        engine._events.put(None)
+        sup.close()
+
+
+def pump_until(sup, cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        sup._pump(0.05)
+    raise AssertionError({r.instance: r.state.value for r in sup.records.values()})
+
+
+def test_start_goes_infrastructure_then_main_then_workers(make):
+    sup, engine = make()
+    sup.start_stack()
+    assert sup.phase == "ready"
+    started = engine.started()
+    assert set(started[:2]) == {"postgres", "redis"} and started[2] == "main"
+    assert set(started[3:]) == set(WORKERS)
+
+
+def test_main_dying_before_ready_fails_the_start_and_starts_no_worker(make):
+    sup, engine = make({"main": ["die"]})
+    with pytest.raises(StartFailed, match="main did not become ready.*exit code 1"):
+        sup.start_stack()
+    assert not set(engine.started()) & set(WORKERS)
+
+
+def test_crash_looping_worker_is_failed_after_max_attempts_rest_stays_ready(make):
+    sup, engine = make({"sync-1": ["die"]})
+    sup.start_stack()
+    sync = sup.records["sync-1"]
+    assert sync.state is State.FAILED and sync.attempts == 3
+    assert sync.last_exit_reason == "exit code 1"
+    assert engine.started().count("sync-1") == 3
+    assert sup.records["event-persister-1"].state is State.READY
+    assert sup.phase == "degraded"
+
+
+def test_killed_worker_is_restarted_with_backoff_and_counted(make):
+    sup, engine = make()
+    sup.start_stack()
+    engine.die("sync-1", 137)
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.READY
+               and sup.records["sync-1"].restarts == 1)
+    assert sup.records["sync-1"].last_exit_reason == "signal 9 (SIGKILL)"
+    assert engine.started().count("main") == 1
+
+
+def test_worker_dying_while_main_is_down_waits_for_main(make):
+    sup, engine = make({"main": ["ok", "hang", "ok"]})
+    sup.start_stack()
+    engine.die("main", 137)
+    pump_until(sup, lambda: sup.records["main"].state is State.STARTING
+               and sup.records["main"].restarts == 1)
+    engine.die("sync-1", 1)
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.WAITING, timeout=3)
+    starts_before = engine.started().count("sync-1")
+    # main hangs on this start: it times out, is killed, restarted, and only then sync-1 goes
+    pump_until(sup, lambda: sup.records["main"].state is State.READY, timeout=15)
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.READY)
+    calls = engine.started()
+    last_main = max(i for i, inst in enumerate(calls) if inst == "main")
+    first_sync_after = min(i for i, inst in enumerate(calls)
+                           if inst == "sync-1" and i > last_main)
+    assert first_sync_after > last_main
+    assert engine.started().count("sync-1") == starts_before + 1
+
+
+def test_oom_is_reported_as_such(make):
+    sup, engine = make()
+    sup.start_stack()
+    engine.die("event-persister-1", 137, oom=True)
+    pump_until(sup, lambda: sup.records["event-persister-1"].last_exit_reason is not None)
+    assert sup.records["event-persister-1"].last_exit_reason == "OOM-killed"
+
+
+def test_stop_goes_workers_then_main_then_infrastructure(make):
+    sup, engine = make()
+    sup.start_stack()
+    engine.calls.clear()
+    sup.stop_stack()
+    stops = [inst for call, inst in engine.calls if call == "stop"]
+    assert set(stops[:2]) == set(WORKERS) and stops[2] == "main"
+    assert set(stops[3:]) == {"postgres", "redis"}
+    assert sup.phase == "stopped"
