@@ -224,7 +224,8 @@ def main() -> None:
     result = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "docker": client.version().get("Version")},
+                    "docker": client.version().get("Version"),
+                    "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
         "build": build,
         "image_sizes": sizes,
         "time_to_health": time_to_health(client, args.runs),
