@@ -35,6 +35,7 @@ IMAGES = {
     "synapse_latest": "synapse-supervisor/synapse:latest",
     "postgres": "synapse-supervisor/postgres:15",
     "redis": "synapse-supervisor/redis:7",
+    "nginx": "synapse-supervisor/nginx:1",
 }
 
 
