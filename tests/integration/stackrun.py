@@ -215,3 +215,89 @@ def snapshot_docker(client: docker.DockerClient) -> tuple:
     networks = sorted(n.id for n in client.networks.list())
     volumes = sorted(v.name for v in client.volumes.list())
     return containers, networks, volumes
+
+
+# --- added for the reliability suite (generic; nothing above changed) ---------------------
+
+
+class Chat:
+    """One user and one room on a running stack, to prove that no message is lost across a
+    fault: `send` writes uniquely numbered messages, `missing` reads the whole room back via
+    /messages and returns what it did not find. Both retry through transient errors (a
+    restarting worker, stale database connections after a PostgreSQL restart) until their
+    deadline; a PUT with the same transaction id is idempotent, so a retry never duplicates."""
+
+    PASSWORD = "correct horse battery staple"
+
+    def __init__(self, run: "StackRun", user: str = "alice", timeout: float = 120) -> None:
+        self.run = run
+        self.user = user
+        self.sent: list[str] = []
+        self._txn = 0
+        pw = run.dir.parent / f"{run.name}-{user}.pw"
+        pw.write_text(self.PASSWORD + "\n")
+        code, out, err = run.ctl("register", user, "--password-file", str(pw))
+        assert code == 0, (out, err)
+        code, login = self._retry("POST", "/_matrix/client/v3/login", {
+            "type": "m.login.password", "identifier": {"type": "m.id.user", "user": user},
+            "password": self.PASSWORD}, timeout=timeout)
+        self.token = login["access_token"]
+        code, room = self._retry("POST", "/_matrix/client/v3/createRoom",
+                                 {"name": f"{run.name} reliability"}, timeout=timeout)
+        self.room = room["room_id"]
+
+    def _retry(self, method: str, path: str, body: dict | None = None,
+               timeout: float = 120) -> tuple[int, dict]:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while True:
+            try:
+                code, data = http_json(method, self.run.client_url + path, body,
+                                       getattr(self, "token", None), timeout=30)
+                if code == 200:
+                    return code, data
+                last = (code, data)
+                if code < 500 and code != 429:
+                    raise AssertionError(f"{method} {path}: {code} {data}")
+            except (urllib.error.URLError, ConnectionError, OSError) as err:
+                last = err
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{method} {path}: no success in {timeout}s (last {last})")
+            time.sleep(0.5)
+
+    def send(self, n: int, tag: str, timeout: float = 120) -> list[str]:
+        bodies = []
+        for _ in range(n):
+            self._txn += 1
+            body = f"{tag} #{self._txn} {os.urandom(4).hex()}"
+            self._retry("PUT", f"/_matrix/client/v3/rooms/{self.room}/send/m.room.message/"
+                        f"t{self._txn}-{os.getpid()}", {"msgtype": "m.text", "body": body},
+                        timeout=timeout)
+            bodies.append(body)
+        self.sent += bodies
+        return bodies
+
+    def read_all(self, timeout: float = 120) -> list[str]:
+        """Every m.room.message body in the room, oldest first (paginates /messages)."""
+        bodies: list[str] = []
+        start = None
+        while True:
+            query = "dir=b&limit=100" + (f"&from={start}" if start else "")
+            _, page = self._retry("GET", f"/_matrix/client/v3/rooms/{self.room}/messages?"
+                                  + query, timeout=timeout)
+            bodies += [e["content"].get("body") for e in page.get("chunk", [])
+                       if e.get("type") == "m.room.message"]
+            if not page.get("chunk") or not page.get("end"):
+                return bodies[::-1]
+            start = page["end"]
+
+    def missing(self, timeout: float = 120) -> list[str]:
+        """Messages sent but not readable; polls until none is missing or the deadline
+        (a restarted worker may take a moment to catch up on replication)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = set(self.read_all(timeout=max(5.0, deadline - time.monotonic())))
+            lost = [b for b in self.sent if b not in found]
+            if not lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
