@@ -44,8 +44,11 @@ CONFIG_FILE = "nginx.conf"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 STOP_SIGNAL = "SIGQUIT"  # graceful: in-flight requests finish (bounded by shutdown_timeout)
 RELOAD_SIGNAL = "SIGHUP"  # re-read the config; a bad config is refused, the old one keeps serving
+COMMAND = ("nginx", "-c", CONFIG_PATH, "-g", "daemon off;")  # the image's CMD; pass it explicitly
 TEST_COMMAND = ("nginx", "-t", "-c", CONFIG_PATH)  # docker exec: validate before SIGHUP
-HEALTH_PATH = "/health"
+CONTAINER_USER = f"{PROXY_UID}:{PROXY_UID}"
+TMPFS = {"/tmp": "rw,noexec,nosuid,size=64m"}  # pid file and temp paths (read-only root fs)
+HEALTH_PATH = "/health"  # on both ports: 200 "OK", or 503 "down: a, b" (the proxy is fine)
 
 # The proxy's two servers.
 CLIENT = "client"
@@ -109,8 +112,23 @@ class ProxySettings:
     # access token); () = refused (403) for everyone; ("10.0.0.0/8", ...) = only these sources.
     admin_allow: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9]+[kKmMgG]?", self.client_max_body_size):
+            raise ValueError(f"client_max_body_size {self.client_max_body_size!r}: use a size "
+                             "such as 50M")
+        for source in self.admin_allow or ():
+            if not re.fullmatch(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", source):
+                raise ValueError(f"admin_allow {source!r}: use an address or CIDR")
+
 
 DEFAULT_SETTINGS = ProxySettings()
+
+
+def settings_for(stack: Stack) -> ProxySettings:
+    """Defaults, with the stack's own proxy options where the stack model has them
+    (`stack.proxy.client_max_body_size`)."""
+    body = getattr(getattr(stack, "proxy", None), "client_max_body_size", None)
+    return ProxySettings(client_max_body_size=body) if body else DEFAULT_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -484,10 +502,13 @@ def _location_body(route_or_default: Route | None, target: Target, writes: Targe
     out.append(f"            proxy_pass http://{target.upstream};")
     if route_or_default is not None and route_or_default.long_poll:
         out.append(f"            proxy_read_timeout {settings.sync_read_timeout}s;")
-    if route_or_default is not None and route_or_default.fallback == FALLBACK_NONE \
-            and route_or_default.worker_type != MAIN:
-        out.append("            proxy_request_buffering off;  # stream uploads")
     return out
+
+
+SERVER_ROLES = {CLIENT: "client API, media, admin API",
+                FEDERATION: "federation and key APIs, media for other servers"}
+NOT_FOUND = '{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}'
+ADMIN_REFUSED = '{"errcode":"M_FORBIDDEN","error":"The admin API is not exposed to this address"}'
 
 
 def _render_server(table: RoutingTable, server: str, settings: ProxySettings) -> list[str]:
@@ -495,10 +516,11 @@ def _render_server(table: RoutingTable, server: str, settings: ProxySettings) ->
     unavailable: dict[str, str] = {}
     health = _health_target(table)
     out = [
-        f"    # {server} server: {'client API, media, admin' if server == CLIENT else 'federation and key APIs, media for other servers'}",
+        f"    # {server} server: {SERVER_ROLES[server]}",
         "    server {",
         f"        listen {port} default_server;",
         "        server_name _;",
+        "        default_type application/json;  # the proxy's own answers are Matrix errors",
         "",
         "        # The proxy's health: the stack as the daemon sees it (re-rendered on change).",
         f"        location = {HEALTH_PATH} {{",
@@ -511,15 +533,13 @@ def _render_server(table: RoutingTable, server: str, settings: ProxySettings) ->
         out += [
             "        # Replication is never exposed (unauthenticated unless a secret is set).",
             "        location ^~ /_synapse/replication {",
-            "            default_type application/json;",
-            "            return 404 '{\"errcode\":\"M_UNRECOGNIZED\",\"error\":\"Unrecognized request\"}';",
+            f"            return 404 {_sq(NOT_FOUND)};",
             "        }",
         ]
         if settings.admin_allow is not None:
             out += [
                 "        if ($synapse_admin_refused) {",
-                "            return 403 '{\"errcode\":\"M_FORBIDDEN\",\"error\":\"The admin API is not "
-                "exposed to this address\"}';",
+                f"            return 403 {_sq(ADMIN_REFUSED)};",
                 "        }",
             ]
     for n, route in enumerate(table.of(server), 1):
@@ -547,14 +567,14 @@ def _render_server(table: RoutingTable, server: str, settings: ProxySettings) ->
 
 
 def render_nginx(stack: Stack, down: frozenset[str] | set[str] = frozenset(),
-                 settings: ProxySettings = DEFAULT_SETTINGS) -> str:
+                 settings: ProxySettings | None = None) -> str:
     """The whole nginx.conf for the stack's proxy, with the instances in `down` left out.
 
     Every upstream names instances by their network alias (`sync-1:8008`); nginx resolves them
     when it loads the config, so an instance without a running container must be in `down`
     (otherwise `nginx -t` and the reload fail with "host not found in upstream")."""
     table = routing_table(stack, down)
-    s = settings
+    s = settings or settings_for(stack)
     out = [
         f"# nginx.conf of the reverse proxy of stack {stack.name!r}, generated by",
         "# synapse-supervisor (supervisor/proxy_config.py). Do not edit: the daemon rewrites it",
@@ -575,8 +595,10 @@ def render_nginx(stack: Stack, down: frozenset[str] | set[str] = frozenset(),
         "    server_tokens off;",
         "    default_type application/octet-stream;",
         "    # No query string in the log: it may hold an access token.",
-        "    log_format synapse '$remote_addr [$time_local] \"$request_method $uri $server_protocol\" '",
-        "                       '$status $body_bytes_sent $request_time upstream=$upstream_addr';",
+        "    log_format synapse '$remote_addr [$time_local] \"$request_method $uri "
+        "$server_protocol\" '",
+        "                       '$status $body_bytes_sent $request_time "
+        "upstream=$upstream_addr';",
         "    access_log /dev/stdout synapse;",
         "",
         "    # Read-only root filesystem: every temporary path under /tmp (a tmpfs).",
@@ -600,6 +622,9 @@ def render_nginx(stack: Stack, down: frozenset[str] | set[str] = frozenset(),
         f"    proxy_connect_timeout {s.connect_timeout}s;",
         f"    proxy_send_timeout {s.read_timeout}s;",
         f"    proxy_read_timeout {s.read_timeout}s;",
+        "    # Nothing spills to /tmp: uploads stream to the upstream, responses are never",
+        "    # buffered to disk (the proxy runs on a read-only root with a small tmpfs).",
+        "    proxy_request_buffering off;",
         "    proxy_max_temp_file_size 0;",
         "",
     ]

@@ -10,16 +10,17 @@ Run: .venv/bin/python -m pytest tests/integration/test_proxy_image.py
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
 import string
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import docker
 import pytest
 
 from supervisor import proxy_config as pc
@@ -125,8 +126,9 @@ class Proxy:
 def start_proxy(client, images, network, test_labels, unique_name, conf_dir: Path, stack,
                 suffix: str) -> Proxy:
     container = client.containers.run(
-        images["nginx"], name=unique_name(suffix), detach=True, network=network.name,
-        labels=test_labels, read_only=True, tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"},
+        images["nginx"], command=list(pc.COMMAND), name=unique_name(suffix), detach=True,
+        network=network.name, labels=test_labels, user=pc.CONTAINER_USER, read_only=True,
+        tmpfs=pc.TMPFS,
         cap_drop=["ALL"], security_opt=["no-new-privileges"],
         volumes={str(conf_dir): {"bind": pc.CONFIG_DIR, "mode": "ro"}},
         ports={"8008/tcp": ("127.0.0.1", None), "8448/tcp": ("127.0.0.1", None)})
@@ -185,7 +187,6 @@ def proxy(docker_client, images, network, test_labels, unique_name, upstreams, s
 
 
 def token(localpart: str) -> str:
-    import base64
     b64 = base64.urlsafe_b64encode(localpart.encode()).decode().rstrip("=")
     rand = "".join(random.choices(string.ascii_letters, k=20))
     return f"syt_{b64}_{rand}_{''.join(random.choices(string.ascii_letters, k=6))}"
@@ -219,7 +220,7 @@ def test_image_contract(docker_client, images):
     assert config["User"] == f"{pc.PROXY_UID}:{pc.PROXY_UID}"
     assert config["StopSignal"] == pc.STOP_SIGNAL
     assert set(config["ExposedPorts"]) == {"8008/tcp", "8448/tcp"}
-    assert config["Cmd"] == ["nginx", "-c", pc.CONFIG_PATH, "-g", "daemon off;"]
+    assert config["Cmd"] == list(pc.COMMAND)
     assert config["Healthcheck"]["Test"][0] == "CMD"
 
 
@@ -285,6 +286,16 @@ def test_forwarded_headers_and_keepalive(proxy):
     assert h["x-forwarded-for"] != "6.6.6.6"  # replaced by the real peer, not appended to
     assert "," not in h["x-forwarded-for"]
     assert "connection" not in h  # HTTP/1.1 keepalive to upstreams
+
+
+def test_uploads_stream_and_the_body_limit_holds(proxy):
+    status, _, body = request(proxy.client + "/_matrix/media/v3/upload?filename=a.bin", "POST",
+                              headers={"Content-Type": "application/octet-stream"},
+                              body=os.urandom(8 * 1024 * 1024))
+    assert status == 200 and json.loads(body)["name"] == "media-repository-1"
+    status, _, _ = request(proxy.client + "/_matrix/media/v3/upload", "POST",
+                           body=b"x" * (51 * 1024 * 1024))
+    assert status == 413
 
 
 def test_client_port_does_not_serve_federation_workers(proxy):
@@ -374,6 +385,8 @@ def test_reload_switches_routing_without_restarting(proxy, stack):
         status, _, body = request(proxy.client + "/_matrix/client/v3/rooms/!r:x/typing/@u:x",
                                   "PUT", body=b"{}")
         assert status == 503 and "typing" in json.loads(body)["error"]
+        # ... reads fall back to main
+        assert who(proxy.client + "/_matrix/client/v3/rooms/!r:x/typing/@u:x")["name"] == "main"
 
         proxy.container.reload()
         assert proxy.container.attrs["State"]["StartedAt"] == started
@@ -417,6 +430,31 @@ def test_invalid_config_fails_nginx_t_and_the_proxy_keeps_serving(proxy):
         proxy.write(good)
 
 
+def test_admin_api_restriction(proxy, stack):
+    path = "/_synapse/admin/v1/server_version"
+    try:
+        for allow in (("192.0.2.0/24",), ()):
+            proxy.write(pc.render_nginx(stack, settings=pc.ProxySettings(admin_allow=allow)))
+            code, out = proxy.nginx_t()
+            assert code == 0, out
+            proxy.reload()
+            deadline = time.monotonic() + 10
+            while request(proxy.client + path)[0] != 403:
+                assert time.monotonic() < deadline, "admin API still reachable"
+                time.sleep(0.1)
+            status, _, body = request(proxy.client + "/_synapse/admin/v1/media/x/y")
+            assert status == 403 and json.loads(body)["errcode"] == "M_FORBIDDEN"
+            assert who(proxy.client + "/_matrix/client/versions")["name"] == "client-reader-1"
+    finally:
+        proxy.render()
+        proxy.reload()
+    deadline = time.monotonic() + 10
+    while request(proxy.client + path)[0] != 200:
+        assert time.monotonic() < deadline, "admin API not restored"
+        time.sleep(0.1)
+    assert who(proxy.client + path)["name"] == "main"
+
+
 def test_unresolvable_upstream_fails_nginx_t(proxy, stack, tmp_path):
     """Why the daemon must list every instance without a running container in `down`."""
     directory = tmp_path / "bigger"
@@ -446,8 +484,6 @@ def test_graceful_stop_finishes_in_flight_requests(docker_client, images, networ
                                                    tmp_path):
     """docker stop sends SIGQUIT: nginx stops accepting, lets a running long-poll finish,
     then exits 0 (SIGTERM would cut it)."""
-    import threading
-
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
     os.chmod(conf_dir, 0o755)

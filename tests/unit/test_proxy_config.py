@@ -355,6 +355,20 @@ def test_admin_restriction(full):
     assert "synapse_admin_refused" not in fed
 
 
+def test_settings_for_takes_the_stacks_body_size():
+    from types import SimpleNamespace
+    stack = SimpleNamespace(proxy=SimpleNamespace(client_max_body_size="200M"))
+    assert pc.settings_for(stack).client_max_body_size == "200M"
+    assert pc.settings_for(SimpleNamespace()) == pc.DEFAULT_SETTINGS
+
+
+@pytest.mark.parametrize("kwargs", [{"client_max_body_size": "50 M; evil"},
+                                    {"admin_allow": ("10.0.0.0/8; deny all",)}])
+def test_settings_refuse_what_would_inject_config(kwargs):
+    with pytest.raises(ValueError):
+        pc.ProxySettings(**kwargs)
+
+
 def test_sticky_key_regexes_extract_the_localpart():
     header = pc.TOKEN_IN_HEADER.removeprefix("~*")
     query = pc.TOKEN_IN_QUERY.removeprefix("~*")
