@@ -84,6 +84,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routes(args: argparse.Namespace) -> int:
+    from . import proxy_config
+    from .stackfile import load
+    stack = load(_stack_path(args))
+    down: set[str] = set()
+    if args.live:
+        data = control_client.request(control_client.socket_path(args), "GET", "/v1/status")
+        names = {i.name for i in stack.instances}
+        down = {c["instance"] for c in data["containers"]
+                if c["instance"] in names and not c["ready"]}
+    if not stack.has_proxy:
+        print("note: proxy.mode is none: main receives every request", file=sys.stderr)
+    _emit(args, {"down": sorted(down), "routes": proxy_config.routes_table(stack, down)},
+          proxy_config.describe(stack, down))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(schema.SCHEMA, indent=2))
     return 0
@@ -123,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-config", metavar="INSTANCE",
                    help="print the Synapse config rendered for one instance")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("routes", parents=[common],
+                       help="which path goes to which instances through the proxy")
+    p.add_argument("--live", action="store_true",
+                   help="ask the daemon which instances are down and show the fallbacks")
+    p.add_argument("--socket", help="control socket, with --live")
+    p.set_defaults(func=cmd_routes)
     p = sub.add_parser("schema", parents=[common], help="print the stack file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("workers", parents=[common], help="list the worker types")

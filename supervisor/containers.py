@@ -13,11 +13,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import catalogue
+from . import catalogue, proxy_config
 from .lint import host_port
 from .prepare import Prepared
-from .stack import (CLIENT_PORT, FEDERATION_PORT, MAIN, METRICS_PORT, POSTGRES, REDIS, Instance,
-                    Resources, Stack)
+from .stack import (CLIENT_PORT, FEDERATION_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS,
+                    Instance, Resources, Stack)
 
 LABEL_PREFIX = "synapse-supervisor"
 LABEL_STACK = f"{LABEL_PREFIX}.stack"
@@ -94,6 +94,10 @@ class StackLayout:
     def postgres_secret_dir(self) -> Path:
         return self.state_dir / "postgres"
 
+    @property
+    def proxy_dir(self) -> Path:
+        return self.state_dir / "proxy"
+
     def notify_dir(self, instance: str) -> Path:
         return self.state_dir / "notify" / instance
 
@@ -140,7 +144,7 @@ def synapse_spec(prepared: Prepared, instance: Instance, image_id: str = "") -> 
     if media:
         mounts.append(Mount(layout.media_volume, "/synapse_media", kind="volume"))
     published: list[tuple[int, str | None]] = []
-    if instance.is_main:
+    if instance.is_main and not stack.has_proxy:
         published += [(CLIENT_PORT, stack.publish.client),
                       (FEDERATION_PORT, stack.publish.federation)]
     published.append((METRICS_PORT, stack.publish.synapse_metrics.get(instance.name)))
@@ -185,6 +189,24 @@ def redis_spec(prepared: Prepared, image_id: str = "") -> ContainerSpec:
     return _finish(spec, stack, [image_id])
 
 
+def proxy_spec(prepared: Prepared, image_id: str = "") -> ContainerSpec:
+    """nginx in front of main and the workers: the only container publishing client and
+    federation ports. Its routing config (rendered by the daemon as instances come and go) is
+    not part of the hash: it changes by reload, not by recreation."""
+    stack, layout = prepared.stack, layout_of(prepared.stack)
+    spec = ContainerSpec(
+        instance=PROXY, role=proxy_config.PROXY_ROLE, name=layout.container(PROXY),
+        image=stack.images.proxy, network=layout.network, command=proxy_config.COMMAND,
+        mounts=(Mount(str(layout.proxy_dir), proxy_config.CONFIG_DIR, read_only=True),),
+        ports=_ports([(CLIENT_PORT, stack.publish.client),
+                      (FEDERATION_PORT, stack.publish.federation)]),
+        user=proxy_config.CONTAINER_USER, resources=stack.proxy.resources,
+        stop_signal=proxy_config.STOP_SIGNAL, stop_timeout=stack.restart.stop_timeout,
+        read_only=True, tmpfs=dict(proxy_config.TMPFS), cap_drop=("ALL",),
+        security_opt=("no-new-privileges",))
+    return _finish(spec, stack, [image_id, repr(proxy_config.settings_for(stack))])
+
+
 def specs(prepared: Prepared, image_ids: dict[str, str] | None = None) -> dict[str, ContainerSpec]:
     """Every container of the stack, keyed by instance, in dependency order."""
     ids = image_ids or {}
@@ -196,5 +218,7 @@ def specs(prepared: Prepared, image_ids: dict[str, str] | None = None) -> dict[s
         out[REDIS] = redis_spec(prepared, ids.get(stack.images.redis, ""))
     for inst in stack.instances:
         out[inst.name] = synapse_spec(prepared, inst, ids.get(stack.images.synapse, ""))
+    if stack.has_proxy:
+        out[PROXY] = proxy_spec(prepared, ids.get(stack.images.proxy, ""))
     assert MAIN in out
     return out

@@ -186,6 +186,16 @@ class DockerEngine:
         except (docker.errors.NotFound, docker.errors.APIError):
             pass  # already gone or not running
 
+    def exec(self, container_id: str, cmd: tuple[str, ...] | list[str]) -> tuple[int, str]:
+        """Run a command in a running container; (exit code, combined output)."""
+        try:
+            ex = self.api.exec_create(container_id, list(cmd), stdout=True, stderr=True)
+            out = self.api.exec_start(ex["Id"])
+            code = self.api.exec_inspect(ex["Id"]).get("ExitCode")
+        except docker.errors.APIError as err:
+            return 1, str(err.explanation or err)
+        return (code if code is not None else 1), out.decode(errors="replace")
+
     def remove(self, container_id: str) -> None:
         """Remove a container. Named volumes are never removed here (v=False)."""
         try:

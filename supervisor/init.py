@@ -37,14 +37,17 @@ images:
   synapse: {synapse_image}
   postgres: {postgres_image}
   redis: {redis_image}
+  proxy: {proxy_image}
 
 postgres:
   mode: managed                      # or external (host, port, user, database, password_file)
   max_connections: 200
 redis:
   mode: managed
+proxy:
+  mode: managed                      # nginx routes each request to the right worker (docs/routing.md)
 
-publish:                             # host addresses; replication and metrics stay internal
+publish:                             # host addresses, on the proxy; replication and metrics stay internal
   client: 127.0.0.1:{client_port}
   federation: 127.0.0.1:{federation_port}
 
@@ -137,7 +140,8 @@ def init_stack(directory: Path, server_name: str, name: str | None = None,
     worker_lines = "\n".join(f"  {w}: 1" for w in workers) if workers else "  {}"
     stack_file.write_text(STACK_TEMPLATE.format(
         name=name, server_name=server_name, synapse_image=images.synapse,
-        postgres_image=images.postgres, redis_image=images.redis, client_port=client_port,
+        postgres_image=images.postgres, redis_image=images.redis, proxy_image=images.proxy,
+        client_port=client_port,
         federation_port=federation_port, metrics_port=metrics_port, workers=worker_lines))
     os.chmod(stack_file, 0o640)
     return stack_file

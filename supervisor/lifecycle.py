@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .stack import MAIN, POSTGRES, REDIS, Stack
+from .stack import MAIN, POSTGRES, PROXY, REDIS, Stack
 
 
 class CycleError(ValueError):
@@ -47,6 +47,18 @@ def dependencies(stack: Stack) -> dict[str, tuple[str, ...]]:
     deps[MAIN] = infra
     for worker in stack.workers:
         deps[worker.name] = (MAIN, *infra)
+    if stack.has_proxy:
+        # Ordering only: the proxy starts after every worker and stops before them.
+        deps[PROXY] = (MAIN, *(w.name for w in stack.workers))
+    return deps
+
+
+def restart_dependencies(stack: Stack) -> dict[str, tuple[str, ...]]:
+    """What must be ready before a crashed container is started again. The proxy needs only
+    main: it routes around workers that are down."""
+    deps = dependencies(stack)
+    if PROXY in deps:
+        deps[PROXY] = (MAIN,)
     return deps
 
 
@@ -81,6 +93,8 @@ def _tier_name(members: tuple[str, ...]) -> str:
         return "infrastructure"
     if members == (MAIN,):
         return "main"
+    if members == (PROXY,):
+        return "proxy"
     return "workers"
 
 
@@ -100,7 +114,7 @@ def restore_order(stack: Stack, down: set[str]) -> list[tuple[str, ...]]:
     """When containers in `down` are not running: the tiers to bring back, in order. A
     dependency comes back before anything that needs it; what depends on a restored
     dependency and is itself down follows in a later tier."""
-    deps = dependencies(stack)
+    deps = restart_dependencies(stack)
     return [tuple(n for n in lv if n in down) for lv in levels(deps)
             if any(n in down for n in lv)]
 

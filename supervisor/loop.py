@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import lifecycle, probes
+from . import lifecycle, probes, proxy_config
 from .containers import SYNAPSE_UID, ContainerSpec, layout_of, specs
 from .docker_adapter import ContainerEvent, DockerEngine
 from .errors import StartFailed, SupervisorError
 from .lifecycle import Observed
 from .notify_listener import NotifyListener
 from .prepare import Prepared
-from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, REDIS
+from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS
 from .state import (BackoffPolicy, Record, State, exit_reason, next_delay, record_death,
                     transition)
 from .statedir import materialize
@@ -63,6 +63,12 @@ class ProbeMsg:
 
 
 @dataclass(frozen=True)
+class ProxyMsg:
+    key: tuple
+    error: str | None
+
+
+@dataclass(frozen=True)
 class RelistMsg:
     reason: str
 
@@ -92,8 +98,9 @@ class Supervisor:
         self.queue: queue.Queue = queue.Queue()
         self.records: dict[str, Record] = {}
         self.specs: dict[str, ContainerSpec] = {}
-        self.deps = lifecycle.dependencies(self.stack)
+        self.deps = lifecycle.restart_dependencies(self.stack)
         self.dependents = lifecycle.dependents(self.deps)
+        self.proxy = ProxyConfigurator(self)
         r = self.stack.restart
         self.policy = BackoffPolicy(initial=r.initial_delay, maximum=r.max_delay,
                                     multiplier=r.multiplier, jitter=r.jitter,
@@ -144,7 +151,8 @@ class Supervisor:
         return {spec_image for spec_image in (
             self.stack.images.synapse,
             self.stack.images.postgres if self.stack.postgres.mode == "managed" else None,
-            self.stack.images.redis if self.stack.redis.mode == "managed" else None) if spec_image}
+            self.stack.images.redis if self.stack.redis.mode == "managed" else None,
+            self.stack.images.proxy if self.stack.has_proxy else None) if spec_image}
 
     def _converge(self) -> None:
         found = self.engine.list_stack(self.stack.name)
@@ -256,6 +264,8 @@ class Supervisor:
 
     def _start(self, rec: Record, reason: str) -> None:
         spec = self.specs[rec.instance]
+        if rec.instance == PROXY:
+            self.proxy.write_initial()
         transition(rec, State.STARTING, time.monotonic(), reason)
         rec.extra.pop("notified", None)
         rec.extra.pop("adopted", None)
@@ -291,6 +301,8 @@ class Supervisor:
             check = lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)  # noqa: E731
         elif inst == REDIS:
             check = lambda: probes.redis_answers(ip, 6379)  # noqa: E731
+        elif inst == PROXY:
+            check = lambda: probes.http_answers(f"http://{ip}:{CLIENT_PORT}/health")  # noqa: E731
         else:
             check = lambda: probes.synapse_ready(ip, CLIENT_PORT, METRICS_PORT)  # noqa: E731
         limit = time.monotonic() + max(self.stack.restart.ready_timeout,
@@ -338,6 +350,8 @@ class Supervisor:
             self._on_probe(msg)
         elif isinstance(msg, RelistMsg):
             self._relist(msg.reason)
+        elif isinstance(msg, ProxyMsg):
+            self.proxy.done(msg)
         elif isinstance(msg, CallMsg):
             try:
                 msg.reply.put((True, msg.func(self)))
@@ -368,6 +382,7 @@ class Supervisor:
                     self.pool.submit(self.engine.kill, rec.container_id)
         if now - self._last_relist > RELIST_EVERY:
             self._relist("periodic")
+        self.proxy.maybe_reload()
 
     def _deps_ready(self, inst: str) -> bool:
         return all(self.records[d].state is State.READY for d in self.deps[inst])
@@ -481,6 +496,7 @@ class Supervisor:
                 self._on_death(rec, info.exit_code if info else None)
 
     def _update_phase(self) -> None:
+        self.proxy.changed()
         if self.phase in ("stopping", "stopped"):
             pass
         elif all(r.state is State.READY for r in self.records.values()):
@@ -537,6 +553,100 @@ class Supervisor:
         self._closed.set()
         self.notify.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ProxyConfigurator:
+    """Keeps the proxy's routing in step with which Synapse instances are ready: render, write
+    `nginx.conf.new`, `nginx -t` it inside the container, then swap it in and SIGHUP (a reload,
+    not a restart). A config nginx refuses is reported and the running proxy keeps the old one.
+    nginx resolves upstream names when it loads a config, so it reloads whenever the set of
+    ready instances or any of their runs changed (a restarted container may have a new
+    address). One reload at a time; changes that arrive meanwhile are coalesced."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.dirty = False
+        self.in_flight = False
+        self.applied: tuple | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.sup.stack.has_proxy and PROXY in self.sup.records
+
+    def down(self, extra: frozenset[str] = frozenset()) -> frozenset[str]:
+        return frozenset(i.name for i in self.sup.stack.instances
+                         if self.sup.records[i.name].state is not State.READY) | extra
+
+    def _key(self, text: str) -> tuple:
+        return text, tuple(sorted((i.name, self.sup.records[i.name].generation)
+                                  for i in self.sup.stack.instances))
+
+    def write_initial(self) -> None:
+        from .statedir import write_shared
+        text = proxy_config.render_nginx(self.sup.stack, self.down())
+        write_shared(self.sup.layout.proxy_dir / proxy_config.CONFIG_FILE, text,
+                     proxy_config.PROXY_UID)
+        self.applied = self._key(text)
+        self.dirty = False
+
+    def changed(self) -> None:
+        if self.enabled:
+            self.dirty = True
+
+    def _proxy_container(self) -> str | None:
+        rec = self.sup.records.get(PROXY)
+        if rec is None or rec.state is not State.READY:
+            return None
+        return rec.container_id
+
+    def maybe_reload(self) -> None:
+        if not (self.enabled and self.dirty and not self.in_flight):
+            return
+        cid = self._proxy_container()
+        if cid is None:
+            return
+        self.dirty = False
+        text = proxy_config.render_nginx(self.sup.stack, self.down())
+        key = self._key(text)
+        if key == self.applied:
+            return
+        self.in_flight = True
+        directory, engine = self.sup.layout.proxy_dir, self.sup.engine
+        self.sup.pool.submit(lambda: self.sup.queue.put(
+            ProxyMsg(key, self._apply(engine, cid, directory, text))))
+
+    def take_out(self, instances: set[str]) -> None:
+        """Before a deliberate stop: route around these instances now (Synapse does not drain)."""
+        cid = self._proxy_container() if self.enabled else None
+        if cid is None:
+            return
+        text = proxy_config.render_nginx(self.sup.stack, self.down(frozenset(instances)))
+        error = self._apply(self.sup.engine, cid, self.sup.layout.proxy_dir, text)
+        self.done(ProxyMsg(self._key(text), error))
+
+    @staticmethod
+    def _apply(engine, cid: str, directory, text: str) -> str | None:
+        from .statedir import write_shared
+        try:
+            new = directory / (proxy_config.CONFIG_FILE + ".new")
+            write_shared(new, text, proxy_config.PROXY_UID)
+            code, out = engine.exec(cid, proxy_config.TEST_COMMAND[:-1] +
+                                    (proxy_config.CONFIG_PATH + ".new",))
+            if code != 0:
+                return out.strip().splitlines()[-1] if out.strip() else f"nginx -t exit {code}"
+            new.replace(directory / proxy_config.CONFIG_FILE)
+            engine.kill(cid, proxy_config.RELOAD_SIGNAL)
+            return None
+        except Exception as err:
+            return str(err)
+
+    def done(self, msg: "ProxyMsg") -> None:
+        self.in_flight = False
+        if msg.error:
+            self.sup.log.error("proxy_reload_refused", error=msg.error[:300])
+        else:
+            self.applied = msg.key
+            self.sup.log.info("proxy_reloaded", down=sorted(self.down()))
 
 
 def install_signal_handlers(sup: Supervisor) -> None:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from . import lifecycle
-from .containers import layout_of, specs
+from .containers import SYNAPSE_UID, layout_of, specs
 from .errors import SupervisorError
 from .lifecycle import Tier
 from .loop import Supervisor
@@ -104,6 +104,7 @@ def restart(sup: Supervisor, instances: list[str]) -> dict:
                                  f"{' '.join(sorted(group))}", exit_code=2)
     tiers = [Tier(t.name, tuple(m for m in t.members if m in chosen))
              for t in sup.prepared.plan.stop]
+    sup.proxy.take_out(chosen)
     sup.stop_stack([t for t in tiers if t.members])
     sup.start_stack()
     return status(sup)
@@ -136,6 +137,7 @@ def reload(sup: Supervisor) -> dict:
     if not changes:
         return {"changes": [], "status": status(sup)}
     affected = {c["instance"] for c in changes if c["action"] != "add"}
+    sup.proxy.take_out(affected)
     down = [Tier(t.name, tuple(m for m in t.members if m in affected))
             for t in sup.prepared.plan.stop]
     sup.stop_stack([t for t in down if t.members])
@@ -149,7 +151,7 @@ def reload(sup: Supervisor) -> dict:
     sup.prepared = new
     sup.stack = new.stack
     sup.specs = new_specs
-    sup.deps = lifecycle.dependencies(new.stack)
+    sup.deps = lifecycle.restart_dependencies(new.stack)
     sup.dependents = lifecycle.dependents(sup.deps)
     materialize(new)
     layout = layout_of(new.stack)
@@ -160,7 +162,7 @@ def reload(sup: Supervisor) -> dict:
         rec = sup.records[inst]
         if rec.container_id is None:
             if spec.synapse:
-                sup.notify.add(inst, layout.notify_dir(inst), uid=991)
+                sup.notify.add(inst, layout.notify_dir(inst), uid=SYNAPSE_UID)
             rec.container_id = sup.engine.create(spec)
             if rec.state is not State.STOPPED:
                 rec.state = State.STOPPED

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError, SupervisorError
 from .lint import host_port, published
-from .stack import MAIN, Stack
+from .stack import MAIN, PROXY, Stack
 
 
 def lock_stack(stack: Stack) -> int:
@@ -47,9 +47,9 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def owner_instance(key: str) -> str | None:
+def owner_instance(stack: Stack, key: str) -> str | None:
     if key in ("publish.client", "publish.federation"):
-        return MAIN
+        return PROXY if stack.has_proxy else MAIN
     if key.startswith("publish.synapse_metrics."):
         return key.rsplit(".", 1)[1]
     return None
@@ -57,7 +57,7 @@ def owner_instance(key: str) -> str | None:
 
 def check_ports(stack: Stack, running_instances: set[str]) -> None:
     for key, address in published(stack):
-        owner = owner_instance(key)
+        owner = owner_instance(stack, key)
         if owner is not None and owner in running_instances:
             continue  # our own running container holds it; it will be adopted
         host, port = host_port(address)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import urllib.error
 import urllib.request
 
 REPLICATION_METRIC = "synapse_replication_tcp_resource_total_connections"
@@ -43,6 +44,17 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status == 200
+    except OSError:
+        return False
+
+
+def http_answers(url: str, timeout: float = 1.0) -> bool:
+    """Any HTTP answer at all (a proxy's /health says 503 while a worker is down)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
     except OSError:
         return False
 

@@ -84,7 +84,7 @@ SCHEMA: dict[str, Any] = {
         "images": {
             "type": "object", "additionalProperties": False,
             "properties": {k: {"type": "string", "minLength": 1}
-                           for k in ("synapse", "postgres", "redis")},
+                           for k in ("synapse", "postgres", "redis", "proxy")},
         },
         "postgres": {
             "type": "object", "additionalProperties": False,
@@ -109,6 +109,17 @@ SCHEMA: dict[str, Any] = {
                 "host": {"type": "string"},
                 "port": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "password_file": {"type": "string"},
+                "resources": RESOURCES,
+            },
+        },
+        "proxy": {
+            "type": "object", "additionalProperties": False,
+            "description": "The reverse proxy that routes requests to workers.",
+            "properties": {
+                "mode": {"type": "string", "enum": ["managed", "none"],
+                         "description": "managed: nginx in the stack is the only container "
+                         "publishing client/federation ports; none: main publishes them."},
+                "client_max_body_size": {"type": "string", "pattern": MEMORY},
                 "resources": RESOURCES,
             },
         },

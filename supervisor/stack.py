@@ -12,6 +12,7 @@ from pathlib import Path
 MAIN = "main"
 POSTGRES = "postgres"
 REDIS = "redis"
+PROXY = "proxy"
 
 # Fixed container-side ports (the image contract).
 CLIENT_PORT = 8008
@@ -68,6 +69,13 @@ class Redis:
 
 
 @dataclass(frozen=True)
+class Proxy:
+    mode: str = "managed"  # managed: nginx in the stack publishes client/federation; none: main does
+    resources: Resources = Resources()
+    client_max_body_size: str = "50M"
+
+
+@dataclass(frozen=True)
 class Publish:
     client: str | None = "127.0.0.1:8008"
     federation: str | None = "127.0.0.1:8448"
@@ -99,6 +107,7 @@ class Images:
     synapse: str = "synapse-supervisor/synapse:1.163.2"
     postgres: str = "synapse-supervisor/postgres:15"
     redis: str = "synapse-supervisor/redis:7"
+    proxy: str = "synapse-supervisor/nginx:1"
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class Stack:
     images: Images
     postgres: Postgres
     redis: Redis
+    proxy: Proxy
     publish: Publish
     restart: RestartPolicy
     daemon: DaemonSettings
@@ -137,6 +147,10 @@ class Stack:
         if self.redis.mode == "managed":
             names.append(REDIS)
         return tuple(names)
+
+    @property
+    def has_proxy(self) -> bool:
+        return self.proxy.mode == "managed"
 
     @property
     def replication_secret_file(self) -> Path:

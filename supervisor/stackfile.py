@@ -14,8 +14,8 @@ import yaml
 
 from . import catalogue, schema
 from .errors import ConfigError
-from .stack import (MAIN, DaemonSettings, Images, Instance, Postgres, Publish, Redis, Resources,
-                    RestartPolicy, Stack)
+from .stack import (MAIN, DaemonSettings, Images, Instance, Postgres, Proxy, Publish, Redis,
+                    Resources, RestartPolicy, Stack)
 
 DEFAULT_STACK_FILE = "stack.yaml"
 
@@ -135,6 +135,9 @@ def _build(path: Path, data: dict) -> Stack:
     redis = Redis(**{k: v for k, v in rd.items() if k not in ("password_file", "resources")},
                   password_file=rel(rd.get("password_file")),
                   resources=_resources(rd.get("resources")))
+    px = data.get("proxy", {})
+    proxy = Proxy(**{k: v for k, v in px.items() if k != "resources"},
+                  resources=_resources(px.get("resources")))
     main_spec = data.get("main", {})
     main = Instance(name=MAIN, type=MAIN, env=dict(main_spec.get("env", {})),
                     resources=_resources(main_spec.get("resources")),
@@ -164,6 +167,7 @@ def _build(path: Path, data: dict) -> Stack:
         images=Images(**data.get("images", {})),
         postgres=postgres,
         redis=redis,
+        proxy=proxy,
         publish=publish,
         restart=RestartPolicy(**data.get("restart", {})),
         daemon=DaemonSettings(

@@ -6,6 +6,7 @@ Layout under `state_dir` (mode 0700):
     secrets/signing.key, secrets/replication_secret     (0600)
   postgres/postgres_password   mounted at /run/secrets in PostgreSQL (owner 999, 0600)
   notify/<instance>/notify.sock   Synapse's sd_notify target (owner 991, 0600)
+  proxy/nginx.conf   the proxy's routing, mounted at /etc/nginx/synapse (root:101, 0640)
 Files are written atomically and only when their content changed.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .containers import POSTGRES_UID, SYNAPSE_UID, layout_of
+from .proxy_config import PROXY_UID
 from .prepare import Prepared
 
 
@@ -50,6 +52,25 @@ def write_private(path: Path, content: str, uid: int | None) -> bool:
     return True
 
 
+def write_shared(path: Path, content: str, gid: int) -> None:
+    """Write a non-secret file readable by one container group (mode 0640, root:gid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o750)
+    if os.geteuid() == 0:
+        os.chown(path.parent, 0, gid)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, 0o640)
+        if os.geteuid() == 0:
+            os.chown(tmp, 0, gid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _private_dir(path: Path, uid: int | None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
@@ -76,6 +97,11 @@ def materialize(prepared: Prepared) -> list[str]:
         if write_private(layout.postgres_secret_dir / "postgres_password",
                          (prepared.inputs.postgres_password or "") + "\n", pg_uid):
             changed.append("postgres/postgres_password")
+    if stack.has_proxy:  # the routing config is rendered when the proxy starts
+        layout.proxy_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(layout.proxy_dir, 0o750)
+        if os.geteuid() == 0:
+            os.chown(layout.proxy_dir, 0, PROXY_UID)
     _private_dir(stack.state_dir / "notify", None)
     os.chmod(stack.state_dir / "notify", 0o700)
     return changed

@@ -25,6 +25,7 @@ from tests.integration.stackrun import (StackRun, http_json, metric_sum, metrics
 WORKERS = {"sync": 1, "event_persister": 1, "federation_sender": 1}
 INFRA = {"postgres", "redis"}
 WORKER_NAMES = {"sync-1", "event-persister-1", "federation-sender-1"}
+ALL = INFRA | {"main"} | WORKER_NAMES | {"proxy"}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,9 @@ def test_start_order_in_dockers_event_stream(run):
     first = {}
     for inst, t in starts:
         first.setdefault(inst, t)
-    assert set(first) == INFRA | {"main"} | WORKER_NAMES
+    assert set(first) == ALL
     assert max(first[i] for i in INFRA) < first["main"] < min(first[w] for w in WORKER_NAMES)
+    assert max(first[w] for w in WORKER_NAMES) < first["proxy"]
     # main was ready (daemon's own log) before any worker was started
     events = run.log_events()
     main_ready = next(e for e in events if e.get("event") == "ready" and e["instance"] == "main")
@@ -79,7 +81,7 @@ def test_start_order_in_dockers_event_stream(run):
 
 def test_every_container_ready_means_listening_and_replicating(run):
     status = run.status()
-    assert status["state"] == "ready" and status["ready"] == status["total"] == 6
+    assert status["state"] == "ready" and status["ready"] == status["total"] == 7
     for inst in {"main"} | WORKER_NAMES:
         text = metrics_text(run.ip(inst))
         assert metric_sum(text, "synapse_replication_tcp_resource_total_connections") >= 1, inst
@@ -161,10 +163,10 @@ def test_daemon_killed_and_restarted_adopts_without_recreating(run):
     assert run.stop_daemon(signal.SIGKILL) == -signal.SIGKILL
     run.start_daemon()
     status = run.wait_ready(timeout=120)
-    assert status["ready"] == 6
+    assert status["ready"] == 7
     after = {i: (c.id, c.attrs["State"]["StartedAt"]) for i, c in run.containers().items()}
     assert after == before
-    adopted = [e for e in run.log_events() if e.get("event") == "converge"][-6:]
+    adopted = [e for e in run.log_events() if e.get("event") == "converge"][-7:]
     assert {e["action"] for e in adopted} == {"adopt"}
 
 
@@ -227,7 +229,8 @@ def test_sigterm_stops_in_reverse_order_and_keeps_volumes(run, docker_client):
     dies = {}
     for inst, t in run.events.of("die", since=t0):
         dies.setdefault(inst, t)
-    assert set(dies) == INFRA | {"main"} | WORKER_NAMES
+    assert set(dies) == ALL
+    assert dies["proxy"] < min(dies[w] for w in WORKER_NAMES)
     assert max(dies[w] for w in WORKER_NAMES) < dies["main"] < min(dies[i] for i in INFRA)
     for inst, c in run.containers().items():
         assert c.status == "exited" and c.attrs["State"]["ExitCode"] == 0, inst

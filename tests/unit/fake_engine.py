@@ -66,7 +66,7 @@ class FakeEngine:
         what = plan.pop(0) if len(plan) > 1 else plan[0]
         if what == "die":
             threading.Timer(0.01, self.die, args=(info.instance, 1)).start()
-        elif what == "ok" and info.role not in ("postgres", "redis"):
+        elif what == "ok" and info.role not in ("postgres", "redis", "proxy"):
             sock_path = self.state_dir / "notify" / info.instance / "notify.sock"
             threading.Timer(0.01, self._notify, args=(sock_path,)).start()
 
@@ -92,6 +92,10 @@ class FakeEngine:
 
     def kill(self, cid, signal="SIGKILL"):
         self.die(self.containers[cid].instance, 137)
+
+    def exec(self, cid, cmd):
+        self.calls.append(("exec", " ".join(cmd)))
+        return 0, ""
 
     def remove(self, cid):
         self.containers.pop(cid, None)

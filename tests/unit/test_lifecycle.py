@@ -20,21 +20,29 @@ def tiers(ts):
 
 
 PLANS = {
-    "default stack: infra, main, all workers in one tier": (
+    "default stack: infra, main, all workers in one tier, then the proxy": (
         {},
         [("infrastructure", ["postgres", "redis"]), ("main", ["main"]),
          ("workers", ["sync-1", "client-reader-1", "federation-reader-1",
-                      "federation-sender-1", "event-persister-1", "media-repository-1"])]),
-    "no workers: infra then main": (
-        {"workers": {}}, [("infrastructure", ["postgres", "redis"]), ("main", ["main"])]),
+                      "federation-sender-1", "event-persister-1", "media-repository-1"]),
+         ("proxy", ["proxy"])]),
+    "no proxy: the workers tier is last": (
+        {"proxy": {"mode": "none"}, "workers": {"sync": 2}},
+        [("infrastructure", ["postgres", "redis"]), ("main", ["main"]),
+         ("workers", ["sync-1", "sync-2"])]),
+    "no workers: infra then main, then the proxy": (
+        {"workers": {}}, [("infrastructure", ["postgres", "redis"]), ("main", ["main"]),
+                          ("proxy", ["proxy"])]),
     "external postgres: only redis is infrastructure": (
         {"postgres": {"mode": "external", "host": "db.internal", "password_file":
                       "secrets/postgres_password"}, "workers": {"sync": 2}},
-        [("infrastructure", ["redis"]), ("main", ["main"]), ("workers", ["sync-1", "sync-2"])]),
+        [("infrastructure", ["redis"]), ("main", ["main"]), ("workers", ["sync-1", "sync-2"]),
+         ("proxy", ["proxy"])]),
     "external postgres and redis: main first": (
         {"postgres": {"mode": "external", "host": "db", "password_file":
                       "secrets/postgres_password"},
-         "redis": {"mode": "external", "host": "cache"}, "workers": {"pusher": 1}},
+         "redis": {"mode": "external", "host": "cache"}, "workers": {"pusher": 1},
+         "proxy": {"mode": "none"}},
         [("main", ["main"]), ("workers", ["pusher-1"])]),
 }
 
@@ -51,6 +59,12 @@ def test_stop_is_start_inverted(case, stack_dir):
     changes, expected = PLANS[case]
     stack = stack_with(stack_dir, **changes)
     assert tiers(lifecycle.stop_tiers(stack)) == list(reversed(expected))
+
+
+def test_proxy_restarts_after_main_only(stack_dir):
+    stack = stack_with(stack_dir, workers={"sync": 1})
+    assert lifecycle.restart_dependencies(stack)["proxy"] == ("main",)
+    assert set(lifecycle.dependencies(stack)["proxy"]) == {"main", "sync-1"}
 
 
 RESTORE = {

@@ -27,6 +27,7 @@ def make(stack_dir, monkeypatch):
     monkeypatch.setattr(loop_mod.probes, "postgres_accepts", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "redis_answers", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "synapse_ready", lambda *a, **k: True)
+    monkeypatch.setattr(loop_mod.probes, "http_answers", lambda *a, **k: True)
     edit_yaml(stack_dir / "stack.yaml", lambda d: d.update(
         workers={"sync": 1, "event_persister": 1},
         restart={"initial_delay": 0.05, "max_delay": 0.2, "max_attempts": 3,
@@ -56,13 +57,15 @@ def pump_until(sup, cond, timeout=5.0):
     raise AssertionError({r.instance: r.state.value for r in sup.records.values()})
 
 
-def test_start_goes_infrastructure_then_main_then_workers(make):
+def test_start_goes_infrastructure_then_main_then_workers_then_proxy(make):
     sup, engine = make()
     sup.start_stack()
     assert sup.phase == "ready"
     started = engine.started()
     assert set(started[:2]) == {"postgres", "redis"} and started[2] == "main"
-    assert set(started[3:]) == set(WORKERS)
+    assert set(started[3:5]) == set(WORKERS) and started[5:] == ["proxy"]
+    conf = (sup.layout.proxy_dir / "nginx.conf").read_text()
+    assert "sync-1:8008" in conf  # rendered with every worker ready
 
 
 def test_main_dying_before_ready_fails_the_start_and_starts_no_worker(make):
@@ -113,6 +116,17 @@ def test_worker_dying_while_main_is_down_waits_for_main(make):
     assert engine.started().count("sync-1") == starts_before + 1
 
 
+def test_proxy_is_reloaded_around_a_dead_worker(make):
+    sup, engine = make()
+    sup.start_stack()
+    engine.die("sync-1", 137)
+    pump_until(sup, lambda: any("nginx.conf.new" in c for k, c in engine.calls if k == "exec"))
+    conf = (sup.layout.proxy_dir / "nginx.conf").read_text()
+    assert "sync-1:8008" not in conf  # routed around while it restarts
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.READY and not sup.proxy.in_flight
+               and "sync-1:8008" in (sup.layout.proxy_dir / "nginx.conf").read_text())
+
+
 def test_oom_is_reported_as_such(make):
     sup, engine = make()
     sup.start_stack()
@@ -127,6 +141,7 @@ def test_stop_goes_workers_then_main_then_infrastructure(make):
     engine.calls.clear()
     sup.stop_stack()
     stops = [inst for call, inst in engine.calls if call == "stop"]
-    assert set(stops[:2]) == set(WORKERS) and stops[2] == "main"
-    assert set(stops[3:]) == {"postgres", "redis"}
+    assert stops[0] == "proxy"
+    assert set(stops[1:3]) == set(WORKERS) and stops[3] == "main"
+    assert set(stops[4:]) == {"postgres", "redis"}
     assert sup.phase == "stopped"
