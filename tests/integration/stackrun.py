@@ -301,3 +301,108 @@ class Chat:
             if not lost or time.monotonic() > deadline:
                 return lost
             time.sleep(1.0)
+
+
+def docker_objects(client: docker.DockerClient) -> dict[str, tuple]:
+    """Like `snapshot_docker`, keyed by id, with names and stack labels, so that a difference
+    can be attributed: {id: (kind, name, stack label, status, StartedAt)}."""
+    out: dict[str, tuple] = {}
+    api = client.api
+    for summary in api.containers(all=True):
+        try:  # other sessions remove containers meanwhile: skip what vanished
+            c = api.inspect_container(summary["Id"])
+        except docker.errors.NotFound:
+            continue
+        out[c["Id"]] = ("container", c["Name"].lstrip("/"),
+                        (c["Config"].get("Labels") or {}).get(STACK_LABEL, ""),
+                        c["State"].get("Status"), c["State"].get("StartedAt"))
+    for n in api.networks():
+        out[n["Id"]] = ("network", n["Name"], (n.get("Labels") or {}).get(STACK_LABEL, ""),
+                        "", "")
+    for v in api.volumes().get("Volumes") or []:
+        out["volume:" + v["Name"]] = ("volume", v["Name"],
+                                      (v.get("Labels") or {}).get(STACK_LABEL, ""), "", "")
+    return out
+
+
+def docker_changes(before: dict[str, tuple], after: dict[str, tuple],
+                   stacks: tuple[str, ...] = ()) -> list[str]:
+    """What differs between two `docker_objects` views. With `stacks`, only objects of those
+    stacks (by label or by the `<stack>-` name prefix the daemon uses) count: concurrent test
+    sessions on the same engine create and remove their own objects meanwhile."""
+    def ours(entry: tuple) -> bool:
+        if not stacks:
+            return True
+        _, name, label, _, _ = entry
+        return label in stacks or any(name.startswith(f"{s}-") for s in stacks)
+
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new or not ours(old or new):
+            continue
+        if old is None:
+            changes.append(f"created {new[0]} {new[1]}")
+        elif new is None:
+            changes.append(f"removed {old[0]} {old[1]}")
+        else:
+            changes.append(f"changed {old[0]} {old[1]}: {old[3:]} -> {new[3:]}")
+    return changes
+
+
+def raw_control(path: str | Path, request: bytes, timeout: float = 60) -> tuple[int, dict, bytes]:
+    """Send raw bytes to a control socket; returns (HTTP status, parsed JSON body or {},
+    raw body). For requests synapsectl would never send."""
+    import re
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(str(path))
+    try:
+        sock.sendall(request)
+        data = b""
+        while True:
+            head, sep, body = data.partition(b"\r\n\r\n")
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if sep and m and len(body) >= int(m.group(1)):
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = {}
+    return status, parsed if isinstance(parsed, dict) else {}, body
+
+
+def http_request(method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> bytes:
+    """An HTTP/1.1 request as bytes (for `raw_control`)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def daemon_metrics(run: "StackRun") -> str:
+    """The daemon's own Prometheus text (daemon.metrics_address)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{run.metrics_port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample whose labels include `labels`, or None."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
