@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import catalogue, control_client, schema
-from .errors import SupervisorError, exit_code_for
+from .errors import SupervisorError, UsageError, exit_code_for
 from .prepare import prepare
 
 
@@ -63,8 +63,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.show_config:
         files = prepared.rendered.config_files(args.show_config)
         if args.show_config not in roles:
-            raise SupervisorError(f"plan: unknown instance {args.show_config!r} "
-                                  f"(fix: use one of {', '.join(roles)})")
+            raise UsageError(f"plan: unknown instance {args.show_config!r} "
+                             f"(fix: use one of {', '.join(roles)})")
         import yaml
         for name in files[:2]:
             print(f"# /conf/{name}")

@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from . import operations
-from .errors import SupervisorError
+from .errors import ConfigError, SupervisorError
 from .loop import CallMsg, Supervisor
 
 CALL_TIMEOUT = 3600.0
@@ -48,7 +48,11 @@ class ControlServer:
         self.path = path
         self.busy = threading.Lock()
         self.busy_with: str | None = None
-        self.gid = grp.getgrnam(group).gr_gid if group else None
+        try:
+            self.gid = grp.getgrnam(group).gr_gid if group else None
+        except KeyError:
+            raise ConfigError(sup.stack.stack_file, "daemon.control_group", f"no group {group!r} "
+                              "on this host", "create it (groupadd) or remove the key") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             path.unlink()

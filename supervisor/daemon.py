@@ -52,12 +52,12 @@ def write_targets(sup: Supervisor, path) -> None:
 
 def reload_from_signal(sup: Supervisor, control, log) -> None:
     """SIGHUP (systemctl reload): re-read the stack file and apply it, telling systemd."""
-    from .operations import OperationError, reload
+    from .operations import reload
     sd_notify.reloading()
     try:
         result = control.run_here("reload (SIGHUP)", reload)
         log.info("reloaded", changes=len(result["changes"]))
-    except OperationError as err:
+    except SupervisorError as err:  # e.g. main did not come back: keep supervising
         log.error("reload_failed", error=str(err))
     finally:
         sd_notify.ready(status_line(sup))

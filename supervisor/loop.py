@@ -87,6 +87,13 @@ class CallMsg:
     reply: "queue.Queue[tuple[bool, Any]]" = field(default_factory=lambda: queue.Queue(1))
 
 
+def policy_of(stack) -> BackoffPolicy:
+    r = stack.restart
+    return BackoffPolicy(initial=r.initial_delay, maximum=r.max_delay, multiplier=r.multiplier,
+                         jitter=r.jitter, stable_after=r.stable_after,
+                         max_attempts=r.max_attempts)
+
+
 class Supervisor:
     def __init__(self, prepared: Prepared, engine: DockerEngine, log,
                  on_change: Callable[["Supervisor"], None] | None = None) -> None:
@@ -101,10 +108,7 @@ class Supervisor:
         self.deps = lifecycle.restart_dependencies(self.stack)
         self.dependents = lifecycle.dependents(self.deps)
         self.proxy = ProxyConfigurator(self)
-        r = self.stack.restart
-        self.policy = BackoffPolicy(initial=r.initial_delay, maximum=r.max_delay,
-                                    multiplier=r.multiplier, jitter=r.jitter,
-                                    stable_after=r.stable_after, max_attempts=r.max_attempts)
+        self.policy = policy_of(self.stack)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="docker")
         self.phase = "starting"  # starting, ready, degraded, stopping, stopped
         self.stop_requested = False
@@ -120,6 +124,15 @@ class Supervisor:
         self._last_relist = time.monotonic()
         self.notify = NotifyListener(lambda inst, f: self.queue.put(NotifyMsg(inst, f)))
         self._events_thread: threading.Thread | None = None
+
+    def adopt_prepared(self, prepared: Prepared, new_specs: dict[str, ContainerSpec]) -> None:
+        """Take a re-read stack file as the one in force (reload)."""
+        self.prepared = prepared
+        self.stack = prepared.stack
+        self.specs = new_specs
+        self.deps = lifecycle.restart_dependencies(self.stack)
+        self.dependents = lifecycle.dependents(self.deps)
+        self.policy = policy_of(self.stack)
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -224,6 +237,7 @@ class Supervisor:
             for inst in tier.members:
                 rec = self.records[inst]
                 if rec.state in (State.STOPPED, State.FAILED, State.WAITING, State.BACKOFF):
+                    rec.attempts = 0  # a deliberate start gets the full number of attempts
                     self._start(rec, "stack start")
             critical = tier.name != "workers"
             timeout = self.stack.restart.main_ready_timeout if tier.name == "main" \
@@ -270,6 +284,7 @@ class Supervisor:
         rec.extra.pop("notified", None)
         rec.extra.pop("adopted", None)
         rec.ip = None
+        rec.extra["start_wall_ns"] = time.time_ns()  # older die events belong to older runs
         gen = rec.generation
         self.log.info("starting", instance=rec.instance, reason=reason,
                       container=(rec.container_id or "")[:12])
@@ -281,7 +296,6 @@ class Supervisor:
                 if cid is None or self.engine.inspect(cid) is None:
                     cid = self.engine.create(spec)
                     self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
-                rec.extra["start_wall_ns"] = time.time_ns()
                 self.engine.start(cid)
                 info = self.engine.inspect(cid)
                 self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
@@ -361,6 +375,8 @@ class Supervisor:
     def _timers(self) -> None:
         now = time.monotonic()
         for rec in self.records.values():
+            if self.stop_requested or self.phase == "stopping":
+                break  # nothing is (re)started while the stack stops
             if rec.state is State.BACKOFF and rec.retry_at is not None and now >= rec.retry_at:
                 if self._deps_ready(rec.instance):
                     self.records[rec.instance].restarts += 1
@@ -413,7 +429,11 @@ class Supervisor:
     def _on_death(self, rec: Record, exit_code: int | None) -> None:
         if rec.state not in (State.STARTING, State.READY):
             return  # expected (stopping) or already handled
-        info = self.engine.inspect(rec.container_id) if rec.container_id else None
+        try:
+            info = self.engine.inspect(rec.container_id) if rec.container_id else None
+        except Exception as err:  # Docker unreachable: judge from the event alone
+            self.log.warning("inspect_failed", instance=rec.instance, error=str(err)[:200])
+            info = None
         if info is not None and info.running and not rec.extra.get("timed_out"):
             return  # a stale event: the container runs (again)
         oom = bool(info and info.oom_killed) or rec.extra.pop("oom", False)
@@ -428,7 +448,11 @@ class Supervisor:
                          reason=rec.last_exit_reason, was_ready=was_ready, attempts=rec.attempts)
         if not was_ready and rec.attempts >= self.policy.max_attempts:
             transition(rec, State.FAILED, now, f"died {rec.attempts} times before ready")
-            for line in self.engine.last_lines(rec.container_id or "", 5):
+            try:
+                lines = self.engine.last_lines(rec.container_id or "", 5)
+            except Exception:
+                lines = []
+            for line in lines:
                 self.log.error("container_output", instance=rec.instance, line=line)
             self.log.error("failed", instance=rec.instance, attempts=rec.attempts,
                            reason=rec.last_exit_reason)
@@ -536,7 +560,7 @@ class Supervisor:
                        for r in recs}
             killed = self.fast_stop
             while not all(f.done() for f in futures):
-                time.sleep(0.1)
+                self._pump(0.1)  # status requests and the watchdog go on during a stop
                 if self.fast_stop and not killed:
                     killed = True
                     for r in recs:

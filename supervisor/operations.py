@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 
-from . import lifecycle
 from .containers import SYNAPSE_UID, layout_of, specs
 from .errors import SupervisorError
 from .lifecycle import Tier
@@ -120,8 +119,18 @@ def reload(sup: Supervisor) -> dict:
     if new.stack.name != sup.stack.name:
         raise OperationError("invalid_stack", f"{sup.stack.stack_file}: name: a running stack "
                              "cannot be renamed (fix: stop it and start the new name)", 2)
-    images = {img: sup.engine.image_id(img) or "" for img in
-              {new.stack.images.synapse, new.stack.images.postgres, new.stack.images.redis}}
+    images = {img: sup.engine.image_id(img) for img in
+              {new.stack.images.synapse, new.stack.images.postgres, new.stack.images.redis,
+               new.stack.images.proxy}}
+    missing = sorted(img for img, found in images.items() if not found and (
+        img == new.stack.images.synapse
+        or (img == new.stack.images.postgres and new.stack.postgres.mode == "managed")
+        or (img == new.stack.images.redis and new.stack.redis.mode == "managed")
+        or (img == new.stack.images.proxy and new.stack.has_proxy)))
+    if missing:
+        raise OperationError("invalid_stack", f"{new.stack.stack_file}: images: {missing[0]} "
+                             "not found (fix: build it with image/build first)", exit_code=2)
+    images = {k: v or "" for k, v in images.items()}
     new_specs = specs(new, images)
     old_specs = sup.specs
     changes = []
@@ -135,6 +144,7 @@ def reload(sup: Supervisor) -> dict:
             changes.append({"action": "remove", "instance": inst,
                             "reason": "no longer in the stack file"})
     if not changes:
+        sup.adopt_prepared(new, new_specs)
         return {"changes": [], "status": status(sup)}
     affected = {c["instance"] for c in changes if c["action"] != "add"}
     sup.proxy.take_out(affected)
@@ -148,11 +158,7 @@ def reload(sup: Supervisor) -> dict:
         rec.container_id = None
     for inst in [c["instance"] for c in changes if c["action"] == "remove"]:
         del sup.records[inst]
-    sup.prepared = new
-    sup.stack = new.stack
-    sup.specs = new_specs
-    sup.deps = lifecycle.restart_dependencies(new.stack)
-    sup.dependents = lifecycle.dependents(sup.deps)
+    sup.adopt_prepared(new, new_specs)
     materialize(new)
     layout = layout_of(new.stack)
     for inst, spec in new_specs.items():
@@ -164,8 +170,6 @@ def reload(sup: Supervisor) -> dict:
             if spec.synapse:
                 sup.notify.add(inst, layout.notify_dir(inst), uid=SYNAPSE_UID)
             rec.container_id = sup.engine.create(spec)
-            if rec.state is not State.STOPPED:
-                rec.state = State.STOPPED
     for change in changes:
         sup.log.info("reload", **change)
     sup.start_stack()

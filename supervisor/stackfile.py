@@ -14,10 +14,11 @@ import yaml
 
 from . import catalogue, schema
 from .errors import ConfigError
-from .stack import (MAIN, DaemonSettings, Images, Instance, Postgres, Proxy, Publish, Redis,
+from .stack import (MAIN, POSTGRES, PROXY, REDIS, DaemonSettings, Images, Instance, Postgres, Proxy, Publish, Redis,
                     Resources, RestartPolicy, Stack)
 
 DEFAULT_STACK_FILE = "stack.yaml"
+RESERVED = (MAIN, POSTGRES, REDIS, PROXY)
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -78,7 +79,7 @@ def _process_overrides(base: dict, over: dict) -> dict:
 
 def _workers(path: Path, workers: dict, log_level: str) -> tuple[Instance, ...]:
     instances: list[Instance] = []
-    seen: dict[str, str] = {MAIN: "main"}
+    seen: dict[str, str] = {name: "the stack itself (reserved)" for name in RESERVED}
     for key, spec in workers.items():
         wtype = catalogue.resolve(key)
         assert wtype is not None
@@ -132,6 +133,10 @@ def _build(path: Path, data: dict) -> Stack:
     if rd.get("mode") == "external" and "host" not in rd:
         raise ConfigError(path, "redis.host", "is required when mode is external",
                           "add redis.host, or use mode: managed")
+    if rd.get("password_file") and rd.get("mode", "managed") == "managed":
+        raise ConfigError(path, "redis.password_file", "is only for an external Redis; the "
+                          "managed one is reachable only on the stack's network",
+                          "remove it, or set redis.mode: external")
     redis = Redis(**{k: v for k, v in rd.items() if k not in ("password_file", "resources")},
                   password_file=rel(rd.get("password_file")),
                   resources=_resources(rd.get("resources")))

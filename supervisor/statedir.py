@@ -84,6 +84,7 @@ def materialize(prepared: Prepared) -> list[str]:
     layout = layout_of(stack)
     synapse_uid, pg_uid = _owner(SYNAPSE_UID), _owner(POSTGRES_UID)
     _private_dir(stack.state_dir, None)
+    os.chmod(stack.state_dir, 0o711)  # traversable for prometheus-targets.json, not listable
     _private_dir(layout.conf_dir, synapse_uid)
     _private_dir(layout.conf_dir / "log", synapse_uid)
     _private_dir(layout.conf_dir / "secrets", synapse_uid)

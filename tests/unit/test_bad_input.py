@@ -83,6 +83,12 @@ CASES = {
     "instance named main": (
         stack_edit(set_key("workers", "pusher", value={"names": ["main"]})), "workers.pusher",
         "already used"),
+    "instance named like an infrastructure container": (
+        stack_edit(set_key("workers", "pusher", value={"names": ["redis"]})), "workers.pusher",
+        "reserved"),
+    "password for the managed redis": (
+        stack_edit(set_key("redis", "password_file", value="secrets/postgres_password")),
+        "redis.password_file", "external"),
     "names and count disagree": (
         stack_edit(set_key("workers", "sync", value={"count": 2, "names": ["a-sync"]})),
         "workers.sync.names", "one name per instance"),
