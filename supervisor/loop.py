@@ -26,7 +26,7 @@ from .lifecycle import Observed
 from .notify_listener import NotifyListener
 from .prepare import Prepared
 from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS
-from .state import (BackoffPolicy, Record, State, exit_reason, next_delay, record_death,
+from .state import (Record, State, exit_reason, next_delay, record_death,
                     transition)
 from .statedir import materialize
 
@@ -87,13 +87,6 @@ class CallMsg:
     reply: "queue.Queue[tuple[bool, Any]]" = field(default_factory=lambda: queue.Queue(1))
 
 
-def policy_of(stack) -> BackoffPolicy:
-    r = stack.restart
-    return BackoffPolicy(initial=r.initial_delay, maximum=r.max_delay, multiplier=r.multiplier,
-                         jitter=r.jitter, stable_after=r.stable_after,
-                         max_attempts=r.max_attempts)
-
-
 class Supervisor:
     def __init__(self, prepared: Prepared, engine: DockerEngine, log,
                  on_change: Callable[["Supervisor"], None] | None = None) -> None:
@@ -108,7 +101,7 @@ class Supervisor:
         self.deps = lifecycle.restart_dependencies(self.stack)
         self.dependents = lifecycle.dependents(self.deps)
         self.proxy = ProxyConfigurator(self)
-        self.policy = policy_of(self.stack)
+        self.policy = self.stack.restart
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="docker")
         self.phase = "starting"  # starting, ready, degraded, stopping, stopped
         self.stop_requested = False
@@ -132,7 +125,7 @@ class Supervisor:
         self.specs = new_specs
         self.deps = lifecycle.restart_dependencies(self.stack)
         self.dependents = lifecycle.dependents(self.deps)
-        self.policy = policy_of(self.stack)
+        self.policy = self.stack.restart
 
     # --- setup ---------------------------------------------------------------------------
 

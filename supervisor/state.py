@@ -19,6 +19,8 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+from .stack import RestartPolicy
+
 
 class State(str, enum.Enum):
     STOPPED = "stopped"
@@ -105,25 +107,17 @@ def exit_reason(exit_code: int | None, oom_killed: bool) -> str:
     return f"exit code {exit_code}"
 
 
-@dataclass(frozen=True)
-class BackoffPolicy:
-    initial: float = 1.0
-    maximum: float = 60.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-    stable_after: float = 60.0
-    max_attempts: int = 5
-
-
-def next_delay(policy: BackoffPolicy, attempt: int, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): initial * multiplier^(attempt-1), capped,
-    then spread by +-jitter so that many crashed containers do not retry in lockstep."""
-    base = min(policy.maximum, policy.initial * policy.multiplier ** max(0, attempt - 1))
+def next_delay(policy: RestartPolicy, attempt: int, rng: random.Random | None = None) -> float:
+    """Delay before retry number `attempt` (1-based): initial_delay * multiplier^(attempt-1),
+    capped at max_delay, then spread by +-jitter so crashed containers do not retry in
+    lockstep."""
+    base = min(policy.max_delay,
+               policy.initial_delay * policy.multiplier ** max(0, attempt - 1))
     spread = (rng or random).uniform(-policy.jitter, policy.jitter)
     return max(0.0, base * (1 + spread))
 
 
-def record_death(record: Record, policy: BackoffPolicy, now: float, was_ready: bool) -> None:
+def record_death(record: Record, policy: RestartPolicy, now: float, was_ready: bool) -> None:
     """Count a death: a container that was ready for `stable_after` starts counting afresh."""
     stable = was_ready and record.ready_since is not None and \
         now - record.ready_since >= policy.stable_after

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from supervisor.state import (BackoffPolicy, Record, State, TransitionError, exit_reason,
+from supervisor.stack import RestartPolicy
+from supervisor.state import (Record, State, TransitionError, exit_reason,
                               next_delay, record_death, transition)
 
 
@@ -52,19 +53,19 @@ def test_forbidden_edges_name_the_allowed_ones(start, to):
 
 
 def test_backoff_doubles_and_caps_without_jitter():
-    p = BackoffPolicy(initial=1, maximum=10, multiplier=2, jitter=0)
+    p = RestartPolicy(initial_delay=1, max_delay=10, multiplier=2, jitter=0)
     assert [next_delay(p, n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 
 
 def test_backoff_jitter_stays_within_bounds():
-    p = BackoffPolicy(initial=4, maximum=60, multiplier=2, jitter=0.25)
+    p = RestartPolicy(initial_delay=4, max_delay=60, multiplier=2, jitter=0.25)
     rng = random.Random(7)
     delays = [next_delay(p, 1, rng) for _ in range(200)]
     assert min(delays) >= 3.0 and max(delays) <= 5.0 and len(set(delays)) > 100
 
 
 def test_death_after_a_stable_run_counts_from_one():
-    p = BackoffPolicy(stable_after=60)
+    p = RestartPolicy(stable_after=60)
     r = rec()
     r.attempts = 4
     r.ready_since = 0.0
@@ -73,7 +74,7 @@ def test_death_after_a_stable_run_counts_from_one():
 
 
 def test_death_soon_after_ready_keeps_counting():
-    p = BackoffPolicy(stable_after=60)
+    p = RestartPolicy(stable_after=60)
     r = rec()
     r.attempts = 2
     r.ready_since = 50.0
