@@ -101,6 +101,20 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from .destroy import confirm, destroy, refuse_if_running
+    from .docker_adapter import DockerEngine
+    from .stackfile import load
+    stack = load(_stack_path(args))
+    refuse_if_running(str(stack.daemon.control_socket))
+    confirm(stack, args.confirm, sys.stdin.isatty(), args.keep_volumes)
+    result = destroy(stack, DockerEngine(), args.keep_volumes)
+    _emit(args, result, f"removed {len(result['containers'])} containers, networks: "
+          f"{', '.join(result['networks']) or '-'}, volumes: "
+          f"{', '.join(result['volumes']) or 'kept'}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(schema.SCHEMA, indent=2))
     return 0
@@ -146,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask the daemon which instances are down and show the fallbacks")
     p.add_argument("--socket", help="control socket, with --live")
     p.set_defaults(func=cmd_routes)
+    p = sub.add_parser("destroy", parents=[common],
+                       help="remove the stack's containers, network and (confirmed) its data")
+    p.add_argument("--confirm", metavar="STACK_NAME", help="the stack's name, to delete data")
+    p.add_argument("--keep-volumes", action="store_true",
+                   help="keep the database and media volumes")
+    p.set_defaults(func=cmd_destroy)
     p = sub.add_parser("schema", parents=[common], help="print the stack file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("workers", parents=[common], help="list the worker types")

@@ -237,3 +237,18 @@ def test_sigterm_stops_in_reverse_order_and_keeps_volumes(run, docker_client):
     volumes = {v.name for v in docker_client.volumes.list(
         filters={"label": f"synapse-supervisor.stack={run.name}"})}
     assert volumes == {f"{run.name}-pgdata", f"{run.name}-media"}
+
+
+def test_destroy_needs_confirmation_then_deletes_only_this_stack(run, docker_client, decoy):
+    label = {"label": f"synapse-supervisor.stack={run.name}"}
+    code, _, err = run.ctl("destroy")
+    assert code == 2 and "--confirm" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run.ctl("destroy", "--confirm", "some-other-stack")
+    assert code == 2
+    assert len(docker_client.volumes.list(filters=label)) == 2  # nothing deleted
+    code, out, err = run.ctl("destroy", "--confirm", run.name)
+    assert code == 0, err
+    assert docker_client.containers.list(all=True, filters=label) == []
+    assert docker_client.networks.list(filters=label) == []
+    assert docker_client.volumes.list(filters=label) == []
+    assert (run.dir / "stack.yaml").exists() and (run.dir / "secrets").is_dir()
