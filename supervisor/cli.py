@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import catalogue, control_client, schema
-from .errors import SupervisorError, UsageError, exit_code_for
+from .errors import OneLineArgumentParser, SupervisorError, UsageError, exit_code_for
 from .prepare import prepare
 
 
@@ -131,10 +131,10 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--stack", help="stack file (default: $SYNAPSE_STACK or ./stack.yaml)")
-    parser = argparse.ArgumentParser(prog="synapsectl", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="synapsectl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("init", parents=[common], help="write a new stack directory")

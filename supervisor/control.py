@@ -53,11 +53,16 @@ class ControlServer:
         except KeyError:
             raise ConfigError(sup.stack.stack_file, "daemon.control_group", f"no group {group!r} "
                               "on this host", "create it (groupadd) or remove the key") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            path.unlink()
         handler = type("Handler", (_Handler,), {"control": self})
-        self.server = _Server(str(path), handler)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            self.server = _Server(str(path), handler)
+        except OSError as err:
+            raise ConfigError(sup.stack.stack_file, "daemon.control_socket",
+                              f"cannot create {path}: {err.strerror}",
+                              "point it at a writable directory, e.g. under /run") from None
         os.chmod(path, 0o660)
         if self.gid is not None:
             os.chown(path, -1, self.gid)
@@ -135,6 +140,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def send_error(self, code, message=None, explain=None) -> None:
+        """Errors raised by http.server itself (bad request line, unknown method) get the
+        same JSON envelope as everything else."""
+        self.close_connection = True
+        names = {400: "bad_request", 404: "not_found", 405: "bad_method", 501: "bad_method",
+                 414: "bad_request", 431: "bad_request"}
+        text = message or self.responses.get(code, ("error",))[0]
+        try:
+            self._error(code, names.get(code, "bad_request"), f"{text} (fix: see "
+                        "docs/control-api.md for the endpoints)", 2)
+        except OSError:
+            pass
+
     def _ok(self, data) -> None:
         self._send(200, {"ok": True, "data": data})
 
@@ -143,7 +161,11 @@ class _Handler(BaseHTTPRequestHandler):
                                                     "exit_code": exit_code}})
 
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise operations.OperationError("bad_request", "Content-Length is not a number",
+                                            2) from None
         if not length:
             return {}
         try:
@@ -181,6 +203,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+    def _bad_method(self) -> None:
+        self._error(405, "bad_method", f"{self.command} is not used by this API (fix: GET or "
+                    "POST, see docs/control-api.md)", 2)
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _bad_method
 
     # --- endpoints ------------------------------------------------------------------------
 
@@ -226,9 +254,16 @@ class _Handler(BaseHTTPRequestHandler):
                                             2)
         names = names or list(ids)
         tail = (query.get("tail") or ["all"])[0]
+        if tail != "all" and not tail.isdigit():
+            raise operations.OperationError("bad_request", f"tail={tail!r}: use a number of "
+                                            "lines or all", 2)
         tail = int(tail) if tail.isdigit() else "all"
         follow = (query.get("follow") or ["0"])[0] == "1"
-        since = float((query.get("since") or ["0"])[0] or 0) or None
+        try:
+            since = float((query.get("since") or ["0"])[0] or 0) or None
+        except ValueError:
+            raise operations.OperationError("bad_request", "since: use seconds since the "
+                                            "epoch", 2) from None
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Connection", "close")

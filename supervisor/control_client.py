@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import DaemonNotRunning, SupervisorError
+from .errors import DaemonNotRunning, OneLineArgumentParser, SupervisorError
 
 
 class CommandFailed(SupervisorError):
@@ -163,6 +163,9 @@ def _mutating(verb: str, url: str, body_of=lambda a: None):
 
 
 def cmd_logs(args) -> int:
+    if args.tail != "all" and not str(args.tail).isdigit():
+        raise CommandFailed(f"--tail: {args.tail!r} is not a number of lines (fix: e.g. "
+                            "--tail 100, or --tail all)", "bad_request", 2)
     path = socket_path(args)
     query = [f"tail={args.tail}"]
     if args.instances:
@@ -245,7 +248,7 @@ complete -F _synapsectl synapsectl
 
 
 def add_verbs(sub, common: argparse.ArgumentParser) -> None:
-    daemon = argparse.ArgumentParser(add_help=False, parents=[common])
+    daemon = OneLineArgumentParser(add_help=False, parents=[common])
     daemon.add_argument("--socket", help="control socket (default: from the stack file)")
 
     p = sub.add_parser("status", parents=[daemon], help="the stack and each container")

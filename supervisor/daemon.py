@@ -13,7 +13,6 @@ Exit codes: 0 stopped cleanly, 1 failure, 2 bad input, 3 Docker unreachable, 4 s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,8 @@ import time
 
 from . import __version__, logs, sd_notify
 from .docker_adapter import DockerEngine
-from .errors import ConfigError, StartFailed, SupervisorError, exit_code_for
+from .errors import (ConfigError, OneLineArgumentParser, StartFailed, SupervisorError,
+                     exit_code_for)
 from .control import ControlServer
 from .loop import Supervisor, install_signal_handlers
 from .metrics import Metrics
@@ -64,7 +64,8 @@ def reload_from_signal(sup: Supervisor, control, log) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="synapse-supervisor", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="synapse-supervisor",
+                                   description=__doc__.splitlines()[0])
     parser.add_argument("--stack", default=os.environ.get("SYNAPSE_STACK", "stack.yaml"))
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")

@@ -57,3 +57,12 @@ class StartFailed(SupervisorError):
 
 def exit_code_for(err: BaseException) -> int:
     return getattr(err, "exit_code", 1)
+
+
+class OneLineArgumentParser(__import__("argparse").ArgumentParser):
+    """argparse, but a bad command line is one line on stderr with the fix, exit code 2."""
+
+    def error(self, message: str):
+        import sys
+        sys.stderr.write(f"{self.prog}: {message} (fix: see {self.prog} --help)\n")
+        sys.exit(2)

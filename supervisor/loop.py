@@ -538,9 +538,8 @@ class Supervisor:
         self.on_change(self)
         t0 = time.monotonic()
         for tier in tiers or self.prepared.plan.stop:
-            recs = [self.records[m] for m in tier.members
-                    if self.records[m].container_id and
-                    self.records[m].state is not State.STOPPED]
+            recs = [r for r in (self.records.get(m) for m in tier.members)
+                    if r is not None and r.container_id and r.state is not State.STOPPED]
             if not recs:
                 continue
             now = time.monotonic()

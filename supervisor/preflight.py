@@ -33,7 +33,7 @@ def lock_stack(stack: Stack) -> int:
     return fd
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int, stack: Stack | None = None, key: str = "") -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -42,8 +42,9 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
                 return True
-            raise ConfigError("", f"{host}:{port}", f"cannot bind: {err.strerror}",
-                              "use an address of this host") from None
+            raise ConfigError(stack.stack_file if stack else "", key or f"{host}:{port}",
+                              f"cannot bind {host}:{port}: {err.strerror}",
+                              "use an address of this host, e.g. 127.0.0.1") from None
     return False
 
 
@@ -61,6 +62,6 @@ def check_ports(stack: Stack, running_instances: set[str]) -> None:
         if owner is not None and owner in running_instances:
             continue  # our own running container holds it; it will be adopted
         host, port = host_port(address)
-        if port_in_use(host, port):
+        if port_in_use(host, port, stack, key):
             raise ConfigError(stack.stack_file, key, f"{address} is already in use on this host",
                               f"stop what listens there, or change {key}")
