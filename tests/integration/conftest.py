@@ -232,3 +232,9 @@ def wait_healthy(container, timeout: float = 60) -> float:
             break
         time.sleep(0.2)
     raise AssertionError("not healthy in time\n" + _describe(container))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "dockerd_restart: restarts the host's dockerd (test_faults.py); skips itself "
+        "while other test stacks, daemons or image builds are running")
