@@ -12,7 +12,8 @@ Docker socket. What is checked, with Docker's own events and systemd's own bookk
   (SIGSTOP) is killed by it and restarted, adopting its containers;
 * `systemctl reload` (SIGHUP, RELOADING=1 ... READY=1) applies a new worker in place;
 * `systemctl kill -s KILL` of the daemon: systemd restarts it, it adopts the same containers;
-* `systemctl stop`: workers, then main, then PostgreSQL and Redis stop; the daemon exits 0;
+* `systemctl stop`: Docker sees the containers die tier by tier in the daemon's stop order (proxy,
+  workers, main, then PostgreSQL and Redis); the daemon exits 0;
 * `systemd-analyze verify` finds nothing to say about the units.
 
 Paths: the daemon inside the container hands bind-mount sources (its state directory, the
@@ -52,7 +53,6 @@ PREFIX = "/opt/synapse-supervisor"
 # What systemd/install installs (default: this checkout); e.g. another worktree to compare.
 SOURCE = Path(os.environ.get("SSTEST_SYSTEMD_SOURCE", REPO))
 WATCHDOG_SEC = 30
-INFRA = {"postgres", "redis"}
 
 DOCKERFILE = """\
 ARG BASE=synapse-supervisor/debian:bookworm
@@ -162,6 +162,12 @@ class Box:
             except ValueError:
                 pass
         return out
+
+    def plan(self) -> dict:
+        """The daemon's own start and stop tiers for the current stack file."""
+        out = self.sh(f"{PREFIX}/bin/synapsectl", "plan", "--json", "--stack",
+                      str(self.stack_file))[1]
+        return json.loads(out)
 
     def edit_stack(self, change) -> None:
         data = yaml.safe_load(self.stack_file.read_text())
@@ -311,8 +317,9 @@ def started(box, installed, docker_client):
     status_after = box.status()
     info = box.show("MainPID", "ActiveEnterTimestampMonotonic", "ActiveEnterTimestamp",
                     "NRestarts")
+    instances = {m for tier in box.plan()["start"] for m in tier["members"]}
     yield {"samples": samples, "status": status_after, "info": info, "events": events,
-           **result}
+           "instances": instances, **result}
     events.close()
 
 
@@ -373,7 +380,9 @@ def test_plain_unit_without_a_stack_fails_once_with_the_daemons_message(box, ins
 
 def test_start_returns_only_when_the_stack_is_ready(box, started):
     assert started["status"]["state"] == "ready", started["status"]
-    assert started["status"]["ready"] == started["status"]["total"] == 4
+    n = len(started["instances"])
+    assert {"postgres", "redis", "main", "sync-1"} <= started["instances"]
+    assert started["status"]["ready"] == started["status"]["total"] == n
     assert box.is_active() == "active"
     states = [s for _, _, s in started["samples"]]
     assert "activating" in states, states
@@ -389,7 +398,7 @@ def test_start_returns_only_when_the_stack_is_ready(box, started):
     active_wall = datetime.strptime(started["info"]["ActiveEnterTimestamp"],
                                     "%a %Y-%m-%d %H:%M:%S.%f %Z").replace(tzinfo=timezone.utc)
     starts = {inst: t for inst, t in started["events"].of("start")}
-    assert set(starts) == INFRA | {"main", "sync-1"}
+    assert set(starts) == started["instances"]
     assert max(starts.values()) < active_wall.timestamp()
     # ... and the daemon said "stack_ready" before telling systemd
     pid = int(started["info"]["MainPID"])
@@ -399,8 +408,9 @@ def test_start_returns_only_when_the_stack_is_ready(box, started):
 
 def test_status_shows_the_daemons_status_line(box, started):
     _, out, _ = box.systemctl("status", box.unit, check=False)
-    assert 'Status: "ready: 4/4 ready"' in out, out
-    assert box.show("StatusText")["StatusText"] == "ready: 4/4 ready"
+    n = len(started["instances"])
+    assert f'Status: "ready: {n}/{n} ready"' in out, out
+    assert box.show("StatusText")["StatusText"] == f"ready: {n}/{n} ready"
 
 
 def test_watchdog_is_armed_pinged_and_the_unit_stays_up(box, started):
@@ -454,13 +464,20 @@ def test_reload_applies_a_new_worker_in_place(box, started, docker_client):
                 and '"container_output"' not in line]
         raise AssertionError("the daemon did not survive the reload (systemd restarted it):\n"
                              + "\n".join(died[-15:]))
-    assert after["StatusText"] == "ready: 5/5 ready"
+    n = len(before) + 1
+    assert after["StatusText"] == f"ready: {n}/{n} ready"
+    # exactly the difference was applied: what the daemon says it changed, and nothing else
+    events = box.daemon_events(int(info["MainPID"]))
+    changes = {e["instance"]: e["action"] for e in events if e.get("event") == "reload"}
+    assert changes.get("client-reader-1") == "add", changes
+    reloaded = [e for e in events if e.get("event") == "reloaded"]
+    assert reloaded and reloaded[-1]["changes"] == len(changes), reloaded
     now = box.containers(docker_client)
     assert set(now) == set(before) | {"client-reader-1"}
     for inst, (cid, started_at) in before.items():
-        assert now[inst] == (cid, started_at), f"{inst} was restarted by an add-only reload"
-    events = box.daemon_events(int(info["MainPID"]))
-    assert any(e.get("event") == "reloaded" and e.get("changes") == 1 for e in events)
+        if changes.get(inst) is None:
+            assert now[inst] == (cid, started_at), \
+                f"{inst} was restarted by a reload that only changed {changes}"
 
 
 def test_daemon_killed_is_restarted_and_adopts(box, started, docker_client):
@@ -493,6 +510,7 @@ def test_hung_daemon_is_killed_by_the_watchdog_and_restarted(box, started, docke
 
 def test_stop_is_ordered_and_clean(box, started, docker_client):
     events = started["events"]
+    tiers = [set(t["members"]) for t in box.plan()["stop"]]
     t0 = time.time()
     box.systemctl("stop", box.unit)
     info = box.show("ActiveState", "Result", "ExecMainStatus", "MainPID")
@@ -504,9 +522,10 @@ def test_stop_is_ordered_and_clean(box, started, docker_client):
     dies = {}
     for inst, t in events.of("die", since=t0):
         dies.setdefault(inst, t)
-    workers = set(dies) - INFRA - {"main"}
-    assert workers, dies
-    assert max(dies[w] for w in workers) < dies["main"] < min(dies[i] for i in INFRA)
+    assert set(dies) == set().union(*tiers), (dies, tiers)
+    assert [t["tier"] for t in box.plan()["stop"]][-2:] == ["main", "infrastructure"]
+    for earlier, later in zip(tiers, tiers[1:]):  # e.g. proxy, workers, main, infrastructure
+        assert max(dies[i] for i in earlier) < min(dies[i] for i in later), (dies, tiers)
     for c in docker_client.containers.list(all=True,
                                            filters={"label": f"{STACK_LABEL}={box.name}"}):
         assert c.status == "exited" and c.attrs["State"]["ExitCode"] == 0, c.name
