@@ -534,10 +534,12 @@ class Supervisor:
     def stop_stack(self, tiers=None) -> None:
         """Stop tier by tier: workers (in parallel), main, then PostgreSQL and Redis.
         Volumes are never removed."""
+        if tiers is not None and not any(t.members for t in tiers):
+            return  # nothing to stop (e.g. a reload that only adds workers)
         self.phase = "stopping"
         self.on_change(self)
         t0 = time.monotonic()
-        for tier in tiers or self.prepared.plan.stop:
+        for tier in (self.prepared.plan.stop if tiers is None else tiers):
             recs = [r for r in (self.records.get(m) for m in tier.members)
                     if r is not None and r.container_id and r.state is not State.STOPPED]
             if not recs:
