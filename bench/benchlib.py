@@ -30,7 +30,35 @@ import yaml
 from docker.types import Mount as DockerMount
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+
+def _code_snapshot() -> tuple[Path, dict]:
+    """The product code under test. Default: a snapshot of the committed HEAD (`git archive`),
+    so that files other engineers are editing right now are not measured half-done.
+    SSBENCH_CODE=worktree measures the working tree instead."""
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,  # noqa
+                                    text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "supervisor"))
+    if os.environ.get("SSBENCH_CODE", "head") == "worktree":
+        return REPO, {"mode": "worktree", "commit": commit, "supervisor_dirty": dirty}
+    dest = Path(f"/var/tmp/ssbench-code-{commit[:12]}")
+    if not (dest / "supervisor" / "__init__.py").exists():
+        tmp = Path(f"{dest}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "supervisor"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another run made it meanwhile
+            subprocess.run(["rm", "-rf", str(tmp)])
+    return dest, {"mode": "head", "commit": commit, "supervisor_dirty_in_worktree": dirty,
+                  "snapshot": str(dest)}
+
+
+CODE, CODE_INFO = _code_snapshot()
+sys.path.insert(0, str(CODE))
 
 from supervisor import control_client  # noqa: E402
 from supervisor.containers import ContainerSpec, specs  # noqa: E402
@@ -38,6 +66,10 @@ from supervisor.errors import SupervisorError  # noqa: E402
 from supervisor.prepare import prepare  # noqa: E402
 
 VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python")
+ENV = dict(os.environ, PYTHONPATH=str(CODE))
+SYNAPSECTL = [PYTHON, "-P", "-m", "supervisor.cli"]  # synapsectl, from the code under test
+DAEMON = [PYTHON, "-P", "-m", "supervisor.daemon"]  # synapse-supervisor, likewise
 STACK_LABEL = "synapse-supervisor.stack"
 INSTANCE_LABEL = "synapse-supervisor.instance"
 BENCH_LABEL = "synapse-supervisor.bench"
@@ -316,10 +348,10 @@ def free_port() -> int:
 def init_stack(directory: Path, name: str, edit=None) -> Path:
     """`synapsectl init ... --isolated` (what an operator runs), then bench-only edits."""
     subprocess.run(
-        [str(VENV_BIN / "synapsectl"), "init", str(directory), "--server-name", f"{name}.test",
+        [*SYNAPSECTL, "init", str(directory), "--server-name", f"{name}.test",
          "--name", name, "--isolated", "--client-port", str(free_port()), "--federation-port",
          str(free_port()), "--metrics-port", str(free_port())], check=True,
-        capture_output=True)
+        capture_output=True, env=ENV)
     stack_file = directory / "stack.yaml"
     data = yaml.safe_load(stack_file.read_text())
     data["daemon"]["control_socket"] = str(directory / "control.sock")
@@ -351,9 +383,8 @@ class Daemon:
         out = open(self.log_path, "w")
         self.t_popen = time.time()
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "synapse-supervisor"), "--stack", str(self.stack_file),
-             "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [*DAEMON, "--stack", str(self.stack_file), "--log-format", "json"], stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
         out.close()
         return self.t_popen
 

@@ -96,6 +96,12 @@ def markdown(res: dict) -> str:
         first = cs.get("first_start_empty_db") or {}
         add(f"| synapse-supervisor, very first start (empty database, creates containers; "
             f"once) | as ours | {_f(first.get('seconds'))} | | |")
+        if s.get("ours_as_init"):
+            fi = cs.get("first_start_empty_db_as_init") or {}
+            add(f"| synapse-supervisor on the stack exactly as `synapsectl init` writes it "
+                f"(+ nginx proxy tier, median {_med(s.get('ours_as_init_proxy_tier'))}) | as "
+                f"ours, then the proxy | {_med(s['ours_as_init'])} | "
+                f"{_range(s['ours_as_init'])} | (first start: {_f(fi.get('seconds'))}) |")
         add("")
         add(f"`docker-compose up -d` itself returned after {_med(s['compose_up_returned'])} "
             f"(median), before the workers were healthy.")

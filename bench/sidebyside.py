@@ -73,6 +73,7 @@ class Bench:
         self.events = bl.Events(self.client, self.base)
         self.stack_file: Path | None = None
         self.daemon: bl.Daemon | None = None
+        self.init_daemon: bl.Daemon | None = None
         self.prepared = None
         self.compose_file = self.work / "docker-compose.yml"
         self.results: dict = {}
@@ -105,8 +106,9 @@ class Bench:
 
     def stop_all(self) -> None:
         """Bring every container of this bench to a stop (workers first)."""
-        if self.daemon is not None and self.daemon.proc is not None:
-            self.daemon.kill()
+        for d in (self.daemon, self.init_daemon):
+            if d is not None and d.proc is not None:
+                d.kill()
         running = [c for c in self.client.api.containers(filters={"label": STACK_LABEL})
                    if (c.get("Labels") or {}).get(STACK_LABEL, "").startswith(self.base)]
         rank = {"postgres": 2, "redis": 2, "main": 1}
@@ -125,10 +127,19 @@ class Bench:
     # --- setup -------------------------------------------------------------------------------
 
     def init_main_stack(self) -> None:
+        edits = {"restart.stable_after": 10, "daemon.control_socket": "<stack dir>/control.sock"}
+        has_proxy = []
+
         def edit(data: dict) -> None:
             # Match Docker's own rule (restart backoff resets after 10 s of running), so that
             # every kill in the crash section is a first crash after a stable run.
             data["restart"]["stable_after"] = 10
+            # The compared stack is the issue's nine containers (PostgreSQL, Redis, main, six
+            # workers); `synapsectl init` now adds an nginx proxy: measured on its own stack.
+            if (data.get("proxy") or {}).get("mode", "none") != "none":
+                has_proxy.append(True)
+                data["proxy"]["mode"] = "none"
+                edits["proxy.mode"] = "none"
 
         self.stack_file = bl.init_stack(self.work / "stack", self.base, edit)
         self.prepared = prepare(self.stack_file)
@@ -139,12 +150,29 @@ class Bench:
             "workers": [w.type for w in st.workers], "images": dataclasses.asdict(st.images),
             "start_tiers": [list(t.members) for t in self.prepared.plan.start],
             "stop_tiers": [list(t.members) for t in self.prepared.plan.stop],
-            "bench_edits": {"restart.stable_after": 10,
-                            "daemon.control_socket": "<stack dir>/control.sock"}}
+            "bench_edits": edits}
+        if has_proxy:
+            # The stack exactly as `synapsectl init` writes it (with its proxy): our start only.
+            name = f"{self.base}-init"
+            self.init_file = bl.init_stack(self.work / "stack-init", name)
+            self.init_prepared = prepare(self.init_file)
+            self.init_daemon = bl.Daemon(self.init_file, self.logs)
+            self.results["stack_as_init"] = {
+                "name": name, "instances": list(bl.stack_specs(self.init_file, self.client)),
+                "start_tiers": [list(t.members) for t in self.init_prepared.plan.start]}
 
     # --- a: the daemon ---------------------------------------------------------------------
 
-    def run_ours(self, stop: bool = True, stop_log: bool = True) -> dict:
+    def run_ours_as_init(self) -> dict:
+        """The daemon on the stack exactly as `synapsectl init` writes it (with the proxy)."""
+        saved = self.daemon, self.prepared
+        self.daemon, self.prepared = self.init_daemon, self.init_prepared
+        try:
+            return self.run_ours()
+        finally:
+            self.daemon, self.prepared = saved
+
+    def run_ours(self, stop: bool = True) -> dict:
         d = self.daemon
         t0 = d.start()
         t_ready, status = d.wait_ready()
@@ -184,9 +212,16 @@ class Bench:
                 tiers[e["tier"]] = e["t"]
             elif e["event"] == "tier_stopped" and e["tier"] in tiers:
                 tiers[e["tier"]] = rnd(e["t"] - tiers[e["tier"]])
+        sig = next((e["t"] for e in evs if e["event"] == "signal"), None)
+        exit_ev = next((e["t"] for e in evs if e["event"] == "daemon_exit"), None)
         return {"sigterm_to_exit_seconds": rnd(t_exit - t_sig), "exit_code": code,
                 "stack_stopped_log_seconds": stopped["seconds"] if stopped else None,
-                "tier_seconds": tiers}
+                "tier_seconds": tiers,
+                # where the time goes: signal handled .. stack_stopped .. daemon_exit .. exit
+                "sigterm_to_signal_log": rnd(sig - t_sig) if sig else None,
+                "stack_stopped_to_daemon_exit_log": rnd(exit_ev - stopped["t"])
+                if exit_ev and stopped else None,
+                "daemon_exit_log_to_process_exit": rnd(t_exit - exit_ev) if exit_ev else None}
 
     # --- b: one at a time (systemd-style) ----------------------------------------------------
 
@@ -324,12 +359,18 @@ class Bench:
         self.assert_stopped()
         out["first_start_empty_db"] = self.run_ours()
         log(f"  ready after {out['first_start_empty_db']['seconds']} s")
+        if self.init_daemon is not None:
+            log("first start of the stack as `synapsectl init` writes it (with the proxy)")
+            out["first_start_empty_db_as_init"] = self.run_ours_as_init()
+            log(f"  ready after {out['first_start_empty_db_as_init']['seconds']} s")
         self.write_compose()
         log("docker-compose: first up (creates its containers; same database)")
         out["compose_first_up"] = self.run_compose()
         log(f"  healthy after {out['compose_first_up']['seconds']} s")
         methods = {"ours": self.run_ours, "sequential": self.run_sequential,
                    "compose": self.run_compose, "critical_path": self.run_critical}
+        if self.init_daemon is not None:
+            methods["ours_as_init"] = self.run_ours_as_init
         keys = list(methods)
         rounds = out.setdefault("rounds", [])
         for r in range(self.args.rounds):
@@ -353,7 +394,11 @@ class Bench:
 
     def summarise_start(self, rounds: list[dict]) -> dict:
         s = {k: bl.summary([r[k]["seconds"] for r in rounds])
-             for k in ("ours", "sequential", "compose", "critical_path")}
+             for k in ("ours", "sequential", "compose", "critical_path", "ours_as_init")
+             if k in rounds[0]}
+        if "ours_as_init" in rounds[0]:
+            s["ours_as_init_proxy_tier"] = bl.summary(
+                [r["ours_as_init"]["tier_ready_seconds"].get("proxy") for r in rounds])
         s["ours_stack_ready_log"] = bl.summary([r["ours"]["stack_ready_log_seconds"]
                                                 for r in rounds])
         s["compose_up_returned"] = bl.summary([r["compose"]["up_returned_seconds"]
@@ -420,8 +465,8 @@ class Bench:
         cli = []
         for _ in range(n):
             ts = time.perf_counter()
-            proc = subprocess.run([str(bl.VENV_BIN / "synapsectl"), "status", "--json",
-                                   "--stack", str(self.stack_file)], capture_output=True)
+            proc = subprocess.run([*bl.SYNAPSECTL, "status", "--json", "--stack",
+                                   str(self.stack_file)], capture_output=True, env=bl.ENV)
             cli.append(time.perf_counter() - ts)
             if proc.returncode != 0:
                 raise BenchError(f"synapsectl status failed: {proc.stderr[-500:]}")
@@ -464,7 +509,31 @@ class Bench:
         t_repl = bl.poll(lambda: bl.synapse_ready(ip), 120, "replication after restart")
         return die, start, t_health, t_repl
 
-    def crash_ours(self, kills: int) -> list[dict]:
+    def crash(self, cid: str, how: str = "host") -> float:
+        """SIGKILL the container's main process. "host": kill(2) on its host pid -- a crash
+        Docker did not ask for, like the OOM killer. "docker": `docker kill`, which Docker
+        counts as a manual stop: its restart policy then does not restart the container."""
+        pid = self.client.api.inspect_container(cid)["State"]["Pid"]
+        t = time.time()
+        if how == "docker":
+            self.client.api.kill(cid)
+        else:
+            os.kill(pid, 9)
+        return t
+
+    def docker_kill_probe(self, cid_pred, cid: str, wait: float = 15.0) -> dict:
+        """One `docker kill`: was the container started again within `wait` s?"""
+        t_kill = self.crash(cid, "docker")
+        die = self.events.wait(lambda e: e.action == "die" and cid_pred(e) and
+                               e.t >= t_kill - 0.5, 60)
+        try:
+            start = self.events.wait(lambda e: e.action == "start" and cid_pred(e) and
+                                     e.t > die.t, wait)
+            return {"restarted": True, "die_to_start_event": rnd(start.t - die.t)}
+        except BenchError:
+            return {"restarted": False, "waited_seconds": wait}
+
+    def crash_ours(self, kills: int, probe: bool = False) -> list[dict]:
         rows = []
         if self.daemon.proc is None:
             self.run_ours(stop=False)
@@ -474,8 +543,7 @@ class Bench:
             last_ready = rows[-1]["_ready_t"] if rows else rd["t"]
             time.sleep(max(0.0, last_ready + SETTLE - time.time()))
             cid = self.ids()[CRASH_TARGET]
-            t_kill = time.time()
-            self.client.api.kill(cid)
+            t_kill = self.crash(cid)
             die, start, t_health, t_repl = self.after_die(
                 lambda e: e.stack == self.base and e.instance == CRASH_TARGET, t_kill)
             starting = self.wait_log(lambda e: e["event"] == "starting" and
@@ -494,9 +562,16 @@ class Bench:
                          "_ready_t": max(ready["t"], t_repl)})
             log(f"  ours kill {k + 1}/{kills}: die->start {rows[-1]['die_to_start_event']} s, "
                 f"die->ready {rows[-1]['die_to_ready']} s")
+        if probe:
+            time.sleep(max(0.0, rows[-1]["_ready_t"] + SETTLE - time.time()))
+            self.kill_probe["ours"] = self.docker_kill_probe(
+                lambda e: e.stack == self.base and e.instance == CRASH_TARGET,
+                self.ids()[CRASH_TARGET])
+            self.wait_log(lambda e: e["event"] == "ready" and e["instance"] == CRASH_TARGET and
+                          e["t"] > time.time() - 60 and e["t"] > rows[-1]["_ready_t"], 120)
         return rows
 
-    def crash_docker(self, kills: int) -> list[dict]:
+    def crash_docker(self, kills: int, probe: bool = False) -> list[dict]:
         if self.daemon.proc is not None:
             self.stop_ours()
         self.assert_stopped()
@@ -518,8 +593,7 @@ class Bench:
                                           e.action == "start", 10).t
             for k in range(kills):
                 time.sleep(max(0.0, last_start + SETTLE - time.time()))
-                t_kill = time.time()
-                self.client.api.kill(cid)
+                t_kill = self.crash(cid)
                 die, start, t_health, t_repl = self.after_die(
                     lambda e: e.container_id == cid, t_kill)
                 last_start = start.t
@@ -531,6 +605,10 @@ class Bench:
                 log(f"  docker kill {k + 1}/{kills}: die->start {rows[-1]['die_to_start_event']}"
                     f" s, die->ready {rows[-1]['die_to_ready']} s")
             restarts = self.client.api.inspect_container(cid)["RestartCount"]
+            if probe:
+                time.sleep(max(0.0, last_start + SETTLE - time.time()))
+                self.kill_probe["docker_restart_always"] = self.docker_kill_probe(
+                    lambda e: e.container_id == cid, cid)
             for r in rows:
                 r["docker_restart_count_at_end"] = restarts
         finally:
@@ -543,11 +621,12 @@ class Bench:
         out = self.results.setdefault("crash", {"target": CRASH_TARGET, "ours": [],
                                                 "docker_restart_always": [], "blocks": []})
         per_block = max(1, self.args.kills // self.args.crash_blocks)
+        self.kill_probe = out.setdefault("docker_kill_once", {})
         for b in range(self.args.crash_blocks):
             for method in ("ours", "docker_restart_always"):
                 log(f"crash block {b + 1}/{self.args.crash_blocks}: {method}, {per_block} kills")
                 fn = self.crash_ours if method == "ours" else self.crash_docker
-                rows = fn(per_block)
+                rows = fn(per_block, probe=b == self.args.crash_blocks - 1)
                 out[method] += rows
                 out["blocks"].append({"block": b + 1, "method": method, "kills": len(rows)})
                 self.save_partial()
@@ -563,6 +642,9 @@ class Bench:
                               for k in keys if any(k in r for r in out[m])}
                           for m in ("ours", "docker_restart_always")}
         out["settle_seconds"] = SETTLE
+        out["how"] = ("SIGKILL to the container's main process from the host (a crash Docker "
+                      "did not ask for); docker_kill_once: one `docker kill` each, which Docker "
+                      "treats as a manual stop")
 
     # --- section: scale (orchestration only) -----------------------------------------------------
 
@@ -598,6 +680,8 @@ class Bench:
             data["images"]["synapse"] = STUB_IMAGE
             data["workers"] = {"client_reader": n}
             data["postgres"].update(max_connections=n + 60, cp_max=1, cp_min=1)
+            if "proxy" in data:
+                data["proxy"]["mode"] = "none"  # orchestration of Synapse processes only
 
         stack_file = bl.init_stack(self.work / name, name, edit)
         daemon = bl.Daemon(stack_file, self.logs)
@@ -689,8 +773,9 @@ class Bench:
 
     def cleanup(self) -> None:
         try:
-            if self.daemon is not None:
-                self.daemon.kill()
+            for d in (self.daemon, self.init_daemon):
+                if d is not None:
+                    d.kill()
             if self.compose_file.exists():
                 subprocess.run(["docker-compose", "-p", self.compose_project, "-f",
                                 str(self.compose_file), "down"], capture_output=True)
@@ -732,7 +817,7 @@ def main(argv=None) -> int:
     res = bench.results
     res.update({"schema": 1, "run_id": bench.run_id, "quick": q,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "machine": bl.machine_info(bench.client),
+                "machine": bl.machine_info(bench.client), "code": bl.CODE_INFO,
                 "config": {"rounds": a.rounds, "kills_per_method": a.kills,
                            "crash_blocks": a.crash_blocks, "idle_seconds": a.idle,
                            "status_calls": a.status_calls, "scale_workers": a.scale,
@@ -769,8 +854,12 @@ def main(argv=None) -> int:
         import report
         paths = report.write(res, RESULTS, quick=q)
         log("wrote " + ", ".join(str(p.relative_to(bl.REPO)) for p in paths))
+        for lock in Path("/run/synapse-stack").glob(f"{bench.base}*.lock"):
+            lock.unlink(missing_ok=True)  # the daemon's per-stack lock files
         if not a.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
+            if bl.CODE_INFO.get("snapshot"):
+                shutil.rmtree(bl.CODE_INFO["snapshot"], ignore_errors=True)
         else:
             log(f"kept {bench.work}")
     return code
