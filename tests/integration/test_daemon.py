@@ -19,8 +19,7 @@ import uuid
 
 import pytest
 
-from tests.integration.stackrun import (StackRun, http_json, metric_sum, metrics_text,
-                                        snapshot_docker)
+from tests.integration.stackrun import StackRun, http_json, metric_sum, metrics_text
 
 WORKERS = {"sync": 1, "event_persister": 1, "federation_sender": 1}
 INFRA = {"postgres", "redis"}
@@ -126,7 +125,11 @@ def test_message_sent_through_the_stack_arrives_on_the_sync_worker(run, tmp_path
             break
         time.sleep(0.2)
     assert body in bodies
-    logs = run.containers()["sync-1"].logs().decode(errors="replace")
+    deadline = time.monotonic() + 15  # Synapse logs a request once it has answered it
+    logs = ""
+    while time.monotonic() < deadline and "/_matrix/client/v3/sync" not in logs:
+        logs = run.containers()["sync-1"].logs().decode(errors="replace")
+        time.sleep(0.2)
     assert "/_matrix/client/v3/sync" in logs
 
 
@@ -171,15 +174,28 @@ def test_daemon_killed_and_restarted_adopts_without_recreating(run):
 
 
 def test_bad_stack_file_exits_2_and_touches_nothing(run, docker_client, tmp_path):
+    """A broken copy of the running stack's file: one line, exit 2, none of the stack's
+    containers, networks or volumes changed (the comparison is limited to this stack's
+    label because other test runs may share the engine)."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text(run.stack_file.read_text().replace("workers:", "workerz:"))
-    before = snapshot_docker(docker_client)
+    bad.write_text(run.stack_file.read_text().replace("workers:", "workerz:")
+                   .replace("homeserver: homeserver.yaml",
+                            f"homeserver: {run.dir / 'homeserver.yaml'}"))
+    label = {"label": f"synapse-supervisor.stack={run.name}"}
+
+    def ours():
+        return (sorted((c.id, c.status, c.attrs["State"]["StartedAt"])
+                       for c in docker_client.containers.list(all=True, filters=label)),
+                sorted(n.id for n in docker_client.networks.list(filters=label)),
+                sorted(v.name for v in docker_client.volumes.list(filters=label)))
+
+    before = ours()
     proc = subprocess.run([sys.executable, "-m", "supervisor.daemon", "--stack", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "workerz" in lines[0] and "did you mean 'workers'" in lines[0]
-    assert snapshot_docker(docker_client) == before
+    assert ours() == before
 
 
 def test_control_verbs_refuse_bad_requests(run):
@@ -221,6 +237,30 @@ def test_reload_with_a_broken_file_changes_nothing(run):
         run.stack_file.write_text(good)
     assert {i: c.id for i, c in run.containers().items()} == before
     assert run.status()["state"] == "ready"
+
+
+def test_reload_adding_a_worker_touches_nothing_else(run):
+    before = {i: (c.id, c.attrs["State"]["StartedAt"]) for i, c in run.containers().items()}
+    good = run.stack_file.read_text()
+    run.stack_file.write_text(good.replace("sync: 1", "sync: 2"))
+    code, out, err = run.ctl("reload", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [(c["action"], c["instance"]) for c in result["changes"]] == [("add", "sync-2")]
+    after = {i: (c.id, c.attrs["State"]["StartedAt"]) for i, c in run.containers().items()}
+    assert {i: v for i, v in after.items() if i != "sync-2"} == before
+    assert run.row("sync-2")["ready"]
+    deadline = time.monotonic() + 20  # the proxy now routes sync traffic to both
+    conf = run.dir / ".state" / "proxy" / "nginx.conf"
+    while time.monotonic() < deadline and "sync-2:8008" not in conf.read_text():
+        time.sleep(0.2)
+    assert "sync-2:8008" in conf.read_text()
+    run.stack_file.write_text(good)
+    code, out, err = run.ctl("reload", "--json")
+    assert code == 0, err
+    assert [(c["action"], c["instance"]) for c in json.loads(out)["changes"]] == [
+        ("remove", "sync-2")]
+    assert "sync-2" not in run.containers()
 
 
 def test_sigterm_stops_in_reverse_order_and_keeps_volumes(run, docker_client):
