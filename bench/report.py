@@ -50,7 +50,9 @@ def machine_line(res: dict) -> str:
     quiet = ("quiet at start (no other stacks, load < 1.5)" if qw.get("quiet") else
              f"NOT quiet at start after waiting {qw.get('waited_seconds')} s" if qw else
              "no quiet wait (quick run)")
-    return (f"{m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
+    code = res.get("code") or {}
+    return (f"code {str(code.get('commit', '?'))[:10]} ({code.get('mode', '?')}); "
+            f"{m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
             f"{m.get('os')}, kernel {m.get('kernel')}, Docker {m.get('docker_server')}, "
             f"docker-compose {m.get('docker_compose')}; {res.get('started_at')}; run "
             f"{res.get('run_id')}, {round((res.get('duration_seconds') or 0) / 60)} min. Load "
@@ -169,22 +171,28 @@ def markdown(res: dict) -> str:
     sc = res.get("scale") or {}
     if sc.get("runs"):
         add(f"**Scale — {sc['label']}.** Start to all ready: the daemon (PostgreSQL + Redis, "
-            f"then the main stub, then all worker stubs) vs a bare docker-py pool of 32 threads "
-            f"starting the same stub containers and polling `/health` (the engine's own "
-            f"limit). 'first' creates the containers, 'existing' starts stopped ones.")
+            f"then the main stub, then all worker stubs in parallel) vs a bare docker-py pool of "
+            f"32 threads starting the same stub containers (main + workers) and polling "
+            f"`/health` (the engine's own limit). 'existing': containers created and stopped, "
+            f"median of {sc['runs'][0]['ours'].__len__() - 1} alternating rounds; 'first': the "
+            f"daemon also creates its containers one by one and PostgreSQL runs initdb.")
         add("")
-        add("| workers | ours, first | bare, first | ratio | ours, existing | bare, existing "
-            "| ratio | ours stop |")
-        add("|---|---|---|---|---|---|---|---|")
+        add("| workers | ours, existing | of which the workers tier | bare, existing | ours ÷ "
+            "bare | ours, first (creating; initdb) | bare, first (creating) | ours stop "
+            "| daemon RSS, `GET /v1/status` |")
+        add("|---|---|---|---|---|---|---|---|---|")
         for run in sc["runs"]:
             sm = run.get("summary") or {}
             stops = [r["stop"]["sigterm_to_exit_seconds"] for r in run["ours"]]
-            add(f"| {run['workers']} | {_f(sm.get('ours_first'), 1)} | "
-                f"{_f(sm.get('bare_first'), 1)} | {_f(sm.get('ratio_first'), 2, '')} | "
-                f"{_f(sm.get('ours_existing_median'), 1)} | "
+            add(f"| {run['workers']} | {_f(sm.get('ours_existing_median'), 1)} | "
+                f"{_f(sm.get('ours_existing_workers_tier_median'), 1)} | "
                 f"{_f(sm.get('bare_existing_median'), 1)} | "
                 f"{_f(sm.get('ratio_existing_median'), 2, '')} | "
-                f"{_f(sorted(stops)[len(stops) // 2], 1)} |")
+                f"{_f(sm.get('ours_first'), 1)} ({_f(sm.get('ours_first_create_span'), 1)}; "
+                f"{_f(sm.get('ours_first_infrastructure_tier'), 1)}) | "
+                f"{_f(sm.get('bare_first'), 1)} | {_f(sorted(stops)[len(stops) // 2], 1)} | "
+                f"{_f(sm.get('daemon_rss_mib_when_ready_max'), 0, ' MiB')}, "
+                f"{_f((sm.get('api_v1_status_median_seconds') or 0) * 1000, 1, ' ms')} |")
         add("")
     if res.get("errors"):
         add("**Errors in this run:** " + "; ".join(f"{k}: {v.splitlines()[0][:200]}"

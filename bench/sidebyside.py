@@ -715,7 +715,18 @@ class Bench:
                      "tier_ready_seconds": {e["tier"]: e["seconds"] for e in evs
                                             if e["event"] == "tier_ready"},
                      "created": sum(1 for e in evs if e["event"] == "created"),
+                     "create_span_seconds": rnd(max(created) - min(created))
+                     if (created := [e["t"] for e in evs if e["event"] == "created"]) else None,
                      "ready_total": f"{st['ready']}/{st['total']}"}
+                status = dict(line.split(":", 1) for line in Path(
+                    f"/proc/{daemon.pid}/status").read_text().splitlines() if ":" in line)
+                r["daemon_rss_mib_when_ready"] = round(int(status["VmRSS"].split()[0]) / 1024, 1)
+                lat = []
+                for _ in range(20):
+                    ts = time.perf_counter()
+                    daemon.status()
+                    lat.append(time.perf_counter() - ts)
+                r["api_v1_status_median_seconds"] = rnd(statistics.median(lat), 4)
                 r["stop"] = self.stop_ours()
                 return r
             finally:
@@ -750,6 +761,15 @@ class Bench:
         res["summary"] = {
             "ours_first": first_o[0], "bare_first": first_b[0],
             "ratio_first": rnd(first_o[0] / first_b[0]),
+            "ours_first_create_span": res["ours"][0].get("create_span_seconds"),
+            "ours_first_infrastructure_tier": res["ours"][0]["tier_ready_seconds"]
+            .get("infrastructure"),
+            "daemon_rss_mib_when_ready_max": max(r["daemon_rss_mib_when_ready"]
+                                                 for r in res["ours"]),
+            "api_v1_status_median_seconds": rnd(statistics.median(
+                [r["api_v1_status_median_seconds"] for r in res["ours"]]), 4),
+            "ours_existing_workers_tier_median": rnd(statistics.median(
+                [r["tier_ready_seconds"].get("workers") for r in res["ours"] if not r["first"]])),
             "ours_existing_median": rnd(statistics.median(again_o)),
             "bare_existing_median": rnd(statistics.median(again_b)),
             "ratio_existing_median": rnd(statistics.median(
