@@ -48,6 +48,7 @@ class ControlServer:
         self.path = path
         self.busy = threading.Lock()
         self.busy_with: str | None = None
+        self.closing = False  # set when the daemon's final ordered stop begins
         try:
             self.gid = grp.getgrnam(group).gr_gid if group else None
         except KeyError:
@@ -111,6 +112,10 @@ class ControlServer:
         return self._exclusive(name, lambda: self.call(func))
 
     def _exclusive(self, name: str, run):
+        if self.closing:
+            raise operations.OperationError(
+                "stopping", "the daemon is stopping the stack and exiting (fix: start it "
+                "again, e.g. systemctl start synapse-stack)")
         if not self.busy.acquire(blocking=False):
             raise operations.OperationError(
                 "busy", f"the daemon is busy with {self.busy_with} (fix: wait, then retry)")

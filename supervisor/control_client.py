@@ -234,7 +234,7 @@ _synapsectl() {
   if [ "$COMP_CWORD" -eq 1 ]; then
     COMPREPLY=($(compgen -W "%(verbs)s" -- "$cur"))
   elif [[ "$cur" == -* ]]; then
-    COMPREPLY=($(compgen -W "--json --stack --socket --follow --tail --since --admin --password-file" -- "$cur"))
+    COMPREPLY=($(compgen -W "--json --stack --socket --follow --tail --since --admin --password-file --live --show-config --confirm --keep-volumes --server-name --isolated" -- "$cur"))
   else
     case ${COMP_WORDS[1]} in
       restart|logs)

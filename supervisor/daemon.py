@@ -44,8 +44,7 @@ def write_targets(sup: Supervisor, path) -> None:
     from .operations import metrics_targets
     from .statedir import write_private
     try:
-        write_private(path, json.dumps(metrics_targets(sup), indent=1), None)
-        os.chmod(path, 0o644)
+        write_private(path, json.dumps(metrics_targets(sup), indent=1), None, mode=0o644)
     except OSError:
         pass
 
@@ -154,6 +153,8 @@ def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
         code = err.exit_code
     finally:
         sd_notify.stopping()
+        if control is not None:
+            control.closing = True  # no state-changing request runs inside the final stop
         try:
             sup.stop_stack()
         finally:

@@ -638,6 +638,8 @@ class ProxyConfigurator:
         cid = self._proxy_container() if self.enabled else None
         if cid is None:
             return
+        while self.in_flight:  # let a background reload finish: both write nginx.conf.new
+            self.sup._pump(0.05)
         text = proxy_config.render_nginx(self.sup.stack, self.down(frozenset(instances)))
         error = self._apply(self.sup.engine, cid, self.sup.layout.proxy_dir, text)
         self.done(ProxyMsg(self._key(text), error))
@@ -650,8 +652,9 @@ class ProxyConfigurator:
             write_shared(new, text, proxy_config.PROXY_UID)
             code, out = engine.exec(cid, proxy_config.TEST_COMMAND[:-1] +
                                     (proxy_config.CONFIG_PATH + ".new",))
-            if code != 0:
-                return out.strip().splitlines()[-1] if out.strip() else f"nginx -t exit {code}"
+            if code != 0:  # nginx -t's own words, e.g. "[emerg] host not found in upstream"
+                lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+                return " | ".join(lines[:3]) or f"nginx -t exit {code}"
             new.replace(directory / proxy_config.CONFIG_FILE)
             engine.kill(cid, proxy_config.RELOAD_SIGNAL)
             return None

@@ -119,7 +119,8 @@ SCHEMA: dict[str, Any] = {
                 "mode": {"type": "string", "enum": ["managed", "none"],
                          "description": "managed: nginx in the stack is the only container "
                          "publishing client/federation ports; none: main publishes them."},
-                "client_max_body_size": {"type": "string", "pattern": MEMORY},
+                "client_max_body_size": {"type": "string", "pattern": r"^[0-9]+[kKmMgG]?$",
+                                         "description": "nginx size, e.g. 50M"},
                 "resources": RESOURCES,
             },
         },

@@ -1,12 +1,13 @@
 """Write the stack's state directory: rendered configs and secret copies the containers mount.
 
-Layout under `state_dir` (mode 0700):
+Layout under `state_dir` (mode 0711: traversable, not listable):
   conf/                  mounted read-only at /conf in every Synapse container (owner 991)
     shared.yaml, <instance>.yaml, log/<instance>.yaml   (0600)
     secrets/signing.key, secrets/replication_secret     (0600)
   postgres/postgres_password   mounted at /run/secrets in PostgreSQL (owner 999, 0600)
   notify/<instance>/notify.sock   Synapse's sd_notify target (owner 991, 0600)
   proxy/nginx.conf   the proxy's routing, mounted at /etc/nginx/synapse (root:101, 0640)
+  prometheus-targets.json   file_sd targets of every Synapse process (0644)
 Files are written atomically and only when their content changed.
 """
 
@@ -27,14 +28,15 @@ def _owner(uid: int) -> int | None:
     return uid if os.geteuid() == 0 else None
 
 
-def write_private(path: Path, content: str, uid: int | None) -> bool:
-    """Write `content` with mode 0600 (and owner `uid` when root); True if it changed."""
+def write_private(path: Path, content: str, uid: int | None, mode: int = 0o600) -> bool:
+    """Write `content` with `mode` (0600 unless said) and owner `uid` when root; True if it
+    changed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if path.read_text() == content:
             if uid is not None:
                 os.chown(path, uid, uid)
-            os.chmod(path, 0o600)
+            os.chmod(path, mode)
             return False
     except OSError:
         pass
@@ -42,7 +44,7 @@ def write_private(path: Path, content: str, uid: int | None) -> bool:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(content)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         if uid is not None:
             os.chown(tmp, uid, uid)
         os.replace(tmp, path)
