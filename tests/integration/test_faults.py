@@ -58,13 +58,15 @@ RECOVER_TIMEOUT = 240.0
 # ------------------------------------------------------------------------------- helpers
 
 
-def record(fault: str, seconds: float | None, lost: int, recovered: bool = True) -> None:
-    """One line for bench/reliability.py; tests never assert on timings."""
+def record(fault: str, seconds: float | None, lost: int | None,
+           outcome: str = "recovered") -> None:
+    """One line for bench/reliability.py; tests never assert on timings. `outcome` is
+    "recovered" (back to ready) or "failed as designed" (seconds until marked failed)."""
     path = os.environ.get("SS_RELIABILITY_LOG")
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"fault": fault, "seconds": seconds, "lost": lost,
-                                "recovered": recovered, "at": time.time()}) + "\n")
+                                "outcome": outcome, "at": time.time()}) + "\n")
 
 
 def started_at(run: StackRun) -> dict[str, str]:
@@ -415,14 +417,18 @@ def broken(docker_client, images, tmp_path_factory):
     run = StackRun(tmp_path_factory.mktemp("broken") / "stack", name, dict(BROKEN_WORKERS),
                    docker_client, restart=dict(BROKEN_RESTART))
     try:
+        t0 = time.monotonic()
         run.start_daemon()
+        run.failed_after = {}
         deadline = time.monotonic() + RECOVER_TIMEOUT
         while time.monotonic() < deadline:
             code, out, _ = run.ctl("status", "--json", timeout=60)
             if out:
                 r = rows(json.loads(out))
-                if r["sync-1"]["state"] == "failed" and r["client-reader-1"]["state"] == \
-                        "failed" and r["event-persister-1"]["ready"]:
+                for inst in ("sync-1", "client-reader-1"):
+                    if r[inst]["state"] == "failed":
+                        run.failed_after.setdefault(inst, time.monotonic() - t0)
+                if len(run.failed_after) == 2 and r["event-persister-1"]["ready"]:
                     break
             assert run.proc.poll() is None, run.log_tail()
             time.sleep(0.3)
@@ -486,6 +492,8 @@ def test_worker_exiting_at_once_backs_off_then_fails(broken):
                         **labels) == 1.0
     assert metric_value(text, "synapse_supervisor_container_ready", **labels) == 0.0
     assert metric_value(text, "synapse_supervisor_stack_ready", stack=broken.name) == 0.0
+    record("worker exits at once on every start", broken.failed_after.get("client-reader-1"),
+           None, "failed as designed")
 
 
 def kernel_oom_kills(container_id: str) -> int | None:
@@ -514,6 +522,8 @@ def test_oom_killed_worker_backs_off_then_fails(broken):
     text = daemon_metrics(broken)
     assert metric_value(text, "synapse_supervisor_container_state", state="failed",
                         instance="sync-1", stack=broken.name) == 1.0
+    record("worker OOM-killed on every start (40m limit)", broken.failed_after.get("sync-1"),
+           None, "failed as designed")
 
 
 @pytest.mark.xfail(cgroup_v1(), strict=True, reason=(
@@ -540,10 +550,13 @@ def test_unreadable_config_mount_backs_off_then_fails_then_recovers(broken):
     try:
         os.chmod(conf, 0)
         docker_kill(broken, "event-persister-1")
+        t0 = time.monotonic()
         deadline = time.monotonic() + RECOVER_TIMEOUT
         while broken.row("event-persister-1")["state"] != "failed":
             assert time.monotonic() < deadline, broken.row("event-persister-1")
             time.sleep(0.3)
+        record("config mount unreadable, worker SIGKILLed", time.monotonic() - t0, None,
+               "failed as designed")
         row = broken.row("event-persister-1")
         assert row["last_exit_reason"] == "exit code 2", row
         assert row["restarts"] > restarts
@@ -555,6 +568,8 @@ def test_unreadable_config_mount_backs_off_then_fails_then_recovers(broken):
             assert broken.row(inst)["ready"], inst
     finally:
         os.chmod(conf, mode)
+    t0 = time.monotonic()
     code, out, err = broken.ctl("restart", "event-persister-1", "--json")
     assert code == 0, err
     assert broken.row("event-persister-1")["ready"]
+    record("config mount fixed, then synapsectl restart", time.monotonic() - t0, None)
