@@ -127,10 +127,10 @@ def markdown(res: dict) -> str:
     if cr.get("summary"):
         so, sd = cr["summary"]["ours"], cr["summary"]["docker_restart_always"]
         n_o, n_d = len(cr.get("ours", [])), len(cr.get("docker_restart_always", []))
-        add(f"**Crash → restart** — `docker kill` of worker `{cr['target']}` ({n_o} kills under "
-            f"the daemon, {n_d} of an identical container with Docker's `restart: always`; each "
-            f"kill after {cr.get('settle_seconds')} s of running). Median / p99 from Docker's "
-            f"`die` event:")
+        add(f"**Crash → restart** — SIGKILL of worker `{cr['target']}`'s process ({n_o} kills "
+            f"under the daemon, {n_d} of an identical container with Docker's `restart: always`,"
+            f" in alternating blocks; each kill after ≥ {cr.get('settle_seconds'):.0f} s of "
+            f"running). Median / p99 from Docker's `die` event:")
         add("")
         add("| | die → start | die → `/health` 200 | die → ready (replication) |")
         add("|---|---|---|---|")
@@ -146,6 +146,19 @@ def markdown(res: dict) -> str:
         add("")
         add(f"The daemon's own start call (its `starting` log event) came "
             f"{cell(so, 'die_to_start_call')} after the `die` event.")
+        probe = cr.get("docker_kill_once") or {}
+
+        def said(p: dict | None) -> str:
+            if not p:
+                return "was not measured"
+            if p.get("restarted"):
+                return f"restarted it ({_f(p.get('die_to_start_event'))} from `die` to start)"
+            return f"did not restart it within {p.get('waited_seconds'):.0f} s"
+
+        if probe:
+            add(f"With `docker kill` instead (once each): the daemon {said(probe.get('ours'))}; "
+                f"Docker's `restart: always` {said(probe.get('docker_restart_always'))} "
+                f"(Docker counts `docker kill` as a manual stop).")
         add("")
     co = res.get("cost") or {}
     if co.get("idle"):
@@ -163,7 +176,9 @@ def markdown(res: dict) -> str:
             f"{idle['rss_mib']['max']} MiB (peak since start {idle['peak_rss_mib_since_start']}"
             f" MiB), {idle['threads']} threads |")
         add(f"| `synapsectl status --json` (new process each) median / p99, n={cli.get('n')} |"
-            f" {_f(cli.get('median'), 3)} / {_f(cli.get('p99'), 3)} |")
+            f" {_f(cli.get('median'), 3)} / {_f(cli.get('p99'), 3)} (of which Python start-up "
+            f"{_f(lat.get('python_startup_seconds'), 3)}, + importing the CLI "
+            f"{_f(lat.get('python_import_cli_seconds'), 3)}) |")
         add(f"| `GET /v1/status` on the control socket, median / p99, n={api.get('n')} | "
             f"{_f((api.get('median') or 0) * 1000, 1, ' ms')} / "
             f"{_f((api.get('p99') or 0) * 1000, 1, ' ms')} |")

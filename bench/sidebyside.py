@@ -482,6 +482,15 @@ class Bench:
                                                if k != "values"},
             "api_v1_status_seconds": {k: v for k, v in bl.summary(api, 5).items()
                                       if k != "values"}}
+        # Where a CLI call's time goes: the interpreter alone, and importing the CLI.
+        for key, code in (("python_startup_seconds", "pass"),
+                          ("python_import_cli_seconds", "import supervisor.cli")):
+            vals = []
+            for _ in range(20):
+                ts = time.perf_counter()
+                subprocess.run([bl.PYTHON, "-P", "-c", code], env=bl.ENV, check=True)
+                vals.append(time.perf_counter() - ts)
+            out["status_latency"][key] = rnd(statistics.median(vals), 4)
         out["after_status_calls"] = {"rss_mib": sample()["rss_mib"]}
         log(f"  CLI median {out['status_latency']['synapsectl_status_json_seconds']['median']} s")
         # the daemon keeps running: the crash section starts with it
