@@ -29,6 +29,7 @@ The long variant (`-m slow`) kills every role five times.
 from __future__ import annotations
 
 import collections
+import datetime
 import fcntl
 import json
 import os
@@ -50,8 +51,9 @@ INFRA = ("postgres", "redis")
 WORKER_OF = {"sync": "sync-1", "event_persister": "event-persister-1",
              "federation_sender": "federation-sender-1", "client_reader": "client-reader-1"}
 WORKER_NAMES = tuple(WORKER_OF.values())
-ALL = INFRA + ("main",) + WORKER_NAMES
-TIER = {**{i: 0 for i in INFRA}, "main": 1, **{w: 2 for w in WORKER_NAMES}}
+ALL = INFRA + ("main",) + WORKER_NAMES  # plus "proxy" when the stack runs the managed proxy
+# What must be up before each container comes back (restart order): the proxy needs only main.
+NEEDS = {"main": INFRA, **{w: INFRA + ("main",) for w in WORKER_NAMES}, "proxy": ("main",)}
 RECOVER_TIMEOUT = 240.0
 
 
@@ -71,6 +73,13 @@ def record(fault: str, seconds: float | None, lost: int | None,
 
 def started_at(run: StackRun) -> dict[str, str]:
     return {i: c.attrs["State"]["StartedAt"] for i, c in run.containers().items()}
+
+
+def epoch(stamp: str) -> float:
+    """Docker's RFC 3339 nanosecond time (trailing zeros trimmed) as seconds."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    base = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.timezone.utc)
+    return base.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
 def rows(status: dict) -> dict[str, dict]:
@@ -111,12 +120,13 @@ def first_starts(run: StackRun, since: float) -> dict[str, float]:
     return first
 
 
-def assert_in_dependency_order(starts: dict[str, float]) -> None:
-    """Whatever (re)started did so dependencies first: infrastructure, main, workers."""
-    for a, ta in starts.items():
-        for b, tb in starts.items():
-            if TIER[a] < TIER[b]:
-                assert ta <= tb, f"{b} started before its dependency {a}: {starts}"
+def assert_in_dependency_order(starts: dict[str, float | str]) -> None:
+    """Whatever (re)started did so dependencies first: infrastructure, main, workers (and the
+    proxy after main)."""
+    for b, tb in starts.items():
+        for a in NEEDS.get(b, ()):
+            if a in starts:
+                assert starts[a] <= tb, f"{b} started before its dependency {a}: {starts}"
 
 
 def sync_sees(run: StackRun, chat: Chat, body: str, timeout: float = 90) -> str | None:
@@ -183,7 +193,7 @@ def kill_and_recover(run: StackRun, chat: Chat, instance: str, label: str) -> fl
     assert next(iter(sorted(starts, key=starts.get))) == instance, starts
     if instance not in INFRA:
         # nobody else was restarted: neither by the daemon nor by Docker
-        for inst in ALL:
+        for inst in run.instances:
             if inst != instance:
                 assert after[inst] == before[inst], f"{inst} was restarted too"
                 assert rows(status)[inst]["restarts"] == restarts[inst], inst
@@ -211,17 +221,22 @@ def stack(docker_client, images, tmp_path_factory):
                    docker_client, restart=dict(RESTART))
     try:
         run.start_daemon()
-        run.wait_ready()
+        status = run.wait_ready()
+        run.instances = tuple(c["instance"] for c in status["containers"])
+        assert set(ALL) <= set(run.instances), run.instances
         run.chat = Chat(run)
         yield run
     finally:
         run.cleanup()
 
 
-@pytest.mark.parametrize("role", list(WORKER_OF))
+@pytest.mark.parametrize("role", list(WORKER_OF) + ["proxy"])
 def test_sigkill_of_a_worker_restarts_only_that_worker(stack, role):
+    instance = WORKER_OF.get(role, role)
+    if instance not in stack.instances:
+        pytest.skip(f"this stack runs no {role}")
     for n in range(2):
-        kill_and_recover(stack, stack.chat, WORKER_OF[role], f"SIGKILL {role}")
+        kill_and_recover(stack, stack.chat, instance, f"SIGKILL {role}")
 
 
 def test_sigkill_of_main_does_not_crash_loop_the_workers(stack):
@@ -232,7 +247,7 @@ def test_sigkill_of_main_does_not_crash_loop_the_workers(stack):
     docker_kill(stack, "main")
     seconds, status, seen = wait_recovered(stack, "main", restarts["main"])
     after = started_at(stack)
-    for w in WORKER_NAMES:
+    for w in [i for i in stack.instances if i not in INFRA + ("main",)]:  # workers, proxy
         assert rows(status)[w]["restarts"] == restarts[w], f"{w} was restarted"
         assert after[w] == before[w], f"{w} was restarted"
         states = {rows(s)[w]["state"] for s in seen}
@@ -259,10 +274,12 @@ def test_sigkill_of_postgres_or_redis_is_restored_first(stack, service):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("instance", ALL)
+@pytest.mark.parametrize("instance", ALL + ("proxy",))
 def test_repeated_sigkill(stack, instance, request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("long variant: run with -m slow")
+    if instance not in stack.instances:
+        pytest.skip(f"this stack runs no {instance}")
     for n in range(5):
         kill_and_recover(stack, stack.chat, instance,
                          f"SIGKILL {stack.row(instance)['role']}")
@@ -294,12 +311,12 @@ def test_daemon_sigkilled_mid_start_converges_without_duplicates(stack, point):
     stack.start_daemon()
     status = stack.wait_ready(timeout=RECOVER_TIMEOUT)
     seconds = time.monotonic() - t0
-    assert status["ready"] == status["total"] == len(ALL)
+    assert status["ready"] == status["total"] == len(stack.instances)
     found = stack.client.containers.list(all=True,
                                          filters={"label": f"{STACK_LABEL}={stack.name}"})
     per_instance = collections.Counter(c.labels["synapse-supervisor.instance"] for c in found)
-    assert per_instance == {i: 1 for i in ALL}, per_instance
-    assert sorted(c.name for c in found) == sorted(f"{stack.name}-{i}" for i in ALL)
+    assert per_instance == {i: 1 for i in stack.instances}, per_instance
+    assert sorted(c.name for c in found) == sorted(f"{stack.name}-{i}" for i in stack.instances)
     assert all(c.status == "running" for c in found)
     lost = chat.missing()
     record(f"daemon SIGKILL mid-start ({point})", seconds, len(lost))
@@ -379,17 +396,15 @@ def test_dockerd_restart_under_the_daemon(stack, docker_client):
         seconds = time.monotonic() - t0
     finally:
         os.close(lock)
-    assert status["ready"] == status["total"] == len(ALL)
+    assert status["ready"] == status["total"] == len(stack.instances)
     found = {c.labels["synapse-supervisor.instance"]: c for c in docker_client.containers.list(
         all=True, filters={"label": f"{STACK_LABEL}={stack.name}"})}
-    assert sorted(found) == sorted(ALL)
+    assert sorted(found) == sorted(stack.instances)
     starts = {}
     for inst, c in found.items():
         assert c.status == "running", inst
-        stamp = c.attrs["State"]["StartedAt"]
-        starts[inst] = stamp
-        assert stamp > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall0)), \
-            f"{inst} was not restarted after dockerd came back"
+        starts[inst] = epoch(c.attrs["State"]["StartedAt"])
+        assert starts[inst] > wall0, f"{inst} was not restarted after dockerd came back"
     assert_in_dependency_order(starts)
     assert (metric_value(daemon_metrics(stack),
                          "synapse_supervisor_event_stream_reconnects_total",
@@ -526,14 +541,18 @@ def test_oom_killed_worker_backs_off_then_fails(broken):
            None, "failed as designed")
 
 
-@pytest.mark.xfail(cgroup_v1(), strict=True, reason=(
-    "bug: supervisor/loop.py _on_death trusts only Docker's State.OOMKilled and the 'oom' "
-    "event; on cgroup v1 (containerd 1.6) Docker misses the OOM kill of PID 1 on most starts, "
-    "so the kernel's OOM kills are reported as 'signal 9 (SIGKILL)'"))
+# Not strict: whether Docker notices depends on timing, so this passes on some runs.
+@pytest.mark.xfail(cgroup_v1(), strict=False, reason=(
+    "bug (intermittent): supervisor/loop.py _on_death knows an OOM kill only from Docker's "
+    "State.OOMKilled or its 'oom' event; on cgroup v1 (containerd 1.6) Docker often misses the "
+    "kernel's OOM kill of PID 1 (the cgroup is gone before the shim reads the eventfd), and the "
+    "death is reported as 'signal 9 (SIGKILL)'"))
 def test_oom_kill_is_reported_as_oom_killed(broken):
     reasons = [e["reason"] for e in died_events(broken, "sync-1")]
     assert len(reasons) == BROKEN_RESTART["max_attempts"]
-    assert reasons == ["OOM-killed"] * len(reasons), reasons
+    kills = kernel_oom_kills(broken.containers()["sync-1"].id)
+    assert reasons == ["OOM-killed"] * len(reasons), \
+        f"daemon says {reasons}; kernel log: {kills} OOM kills of this container"
     assert broken.row("sync-1")["last_exit_reason"] == "OOM-killed"
     assert metric_value(daemon_metrics(broken), "synapse_supervisor_container_last_exit",
                         instance="sync-1", reason="OOM-killed", stack=broken.name) == 1.0
