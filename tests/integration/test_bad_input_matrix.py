@@ -471,8 +471,3 @@ def test_control_api_reload_with_a_broken_file(running, docker_client):
     assert "stack.yaml: workers.sync" in err["message"] and "fix:" in err["message"]
     assert docker_changes(before, docker_objects(docker_client), (running.name,)) == []
     assert running.status()["state"] == "ready"
-
-
-def test_the_table_is_big_enough():
-    total = len(DAEMON_CASES) + 2 + 1 + len(ctl_cases()) + 1 + 1 + len(api_cases()) + 1 + 1
-    assert total >= 30, total
