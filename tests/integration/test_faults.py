@@ -338,6 +338,18 @@ def dockerd_pids() -> list[int]:
     return pids
 
 
+def ancestors() -> set[int]:
+    """This process and its parents (a bench script running pytest is not 'someone else')."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def other_activity(run: StackRun) -> str | None:
     """Why restarting dockerd now would hurt someone else, or None."""
     for c in run.client.containers.list():
@@ -345,9 +357,9 @@ def other_activity(run: StackRun) -> str | None:
         if (stack and stack != run.name) or c.name.startswith("sstest-") or \
                 "synapse-supervisor.test" in c.labels:
             return f"container {c.name} of another test is running"
-    mine = run.proc.pid if run.proc else -1
+    mine = ancestors() | ({run.proc.pid} if run.proc else set())
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in (mine, os.getpid()):
+        if not entry.name.isdigit() or int(entry.name) in mine:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -356,8 +368,10 @@ def other_activity(run: StackRun) -> str | None:
         if ("synapse-supervisor --stack" in cmd or "supervisor.daemon" in cmd) and \
                 str(run.stack_file) not in cmd:
             return f"another synapse-supervisor runs (pid {entry.name})"
-        if "docker build" in cmd or "debootstrap" in cmd:
+        if "docker build" in cmd or "debootstrap" in cmd or "image/build" in cmd:
             return f"an image build runs (pid {entry.name})"
+        if "pytest" in cmd or "/bench/" in cmd or "bench/run" in cmd or "compose" in cmd:
+            return f"another test or benchmark runs (pid {entry.name}: {cmd[:80]})"
     return None
 
 
