@@ -213,36 +213,59 @@ class Event:
 
 
 class Events:
-    """Every container event of stacks whose name starts with `prefix`, as `Event`s."""
+    """Every container event of stacks whose name starts with `prefix`, as `Event`s.
 
-    def __init__(self, client: docker.DockerClient, prefix: str) -> None:
+    docker-py's event stream over the unix socket inherits the client's read timeout and
+    simply ends after that long without an event; the reader then reconnects with `since=`
+    the last event it saw and drops the duplicates."""
+
+    def __init__(self, client: docker.DockerClient, prefix: str, timeout: int = 3600) -> None:
         self.prefix = prefix
         self.events: list[Event] = []
+        self.reconnects = 0
+        self._api = docker.from_env(timeout=timeout).api
         self._cond = threading.Condition()
-        self._stream = client.api.events(decode=True, filters={"type": "container",
-                                                               "label": [STACK_LABEL]})
+        self._closed = threading.Event()
+        self._stream = None
+        self._seen: set[tuple] = set()
         self._thread = threading.Thread(target=self._run, daemon=True, name="events")
+        self._started = threading.Event()
         self._thread.start()
+        self._started.wait(10)
 
     def _run(self) -> None:
-        try:
-            for ev in self._stream:
-                attrs = (ev.get("Actor") or {}).get("Attributes") or {}
-                stack = attrs.get(STACK_LABEL, "")
-                if not stack.startswith(self.prefix):
-                    continue
-                code = attrs.get("exitCode")
-                e = Event(t=int(ev.get("timeNano", 0)) / 1e9,
-                          action=ev.get("Action") or ev.get("status", ""),
-                          container_id=ev.get("id") or (ev.get("Actor") or {}).get("ID", ""),
-                          stack=stack, instance=attrs.get(INSTANCE_LABEL, ""),
-                          name=attrs.get("name", ""),
-                          exit_code=int(code) if code is not None else None)
-                with self._cond:
-                    self.events.append(e)
-                    self._cond.notify_all()
-        except Exception:  # noqa: BLE001 - the stream closes at the end
-            pass
+        since = time.time()
+        while not self._closed.is_set():
+            try:
+                self._stream = self._api.events(
+                    since=since, decode=True,
+                    filters={"type": "container", "label": [STACK_LABEL]})
+                self._started.set()
+                for ev in self._stream:
+                    nano = int(ev.get("timeNano", 0))
+                    since = max(since, nano / 1e9)
+                    key = (nano, ev.get("id"), ev.get("Action") or ev.get("status"))
+                    if key in self._seen:
+                        continue
+                    self._seen.add(key)
+                    attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+                    stack = attrs.get(STACK_LABEL, "")
+                    if not stack.startswith(self.prefix):
+                        continue
+                    code = attrs.get("exitCode")
+                    e = Event(t=nano / 1e9, action=ev.get("Action") or ev.get("status", ""),
+                              container_id=ev.get("id") or (ev.get("Actor") or {}).get("ID", ""),
+                              stack=stack, instance=attrs.get(INSTANCE_LABEL, ""),
+                              name=attrs.get("name", ""),
+                              exit_code=int(code) if code is not None else None)
+                    with self._cond:
+                        self.events.append(e)
+                        self._cond.notify_all()
+            except Exception:  # noqa: BLE001 - dropped or closed: reconnect unless closing
+                pass
+            if not self._closed.is_set():
+                self.reconnects += 1
+                time.sleep(0.2)
 
     def find(self, pred) -> list[Event]:
         with self._cond:
@@ -261,8 +284,10 @@ class Events:
                 self._cond.wait(left)
 
     def close(self) -> None:
+        self._closed.set()
         try:
-            self._stream.close()
+            if self._stream is not None:
+                self._stream.close()
         except Exception:  # noqa: BLE001
             pass
 
