@@ -48,8 +48,9 @@ ORDER = [
 def run_tests(rounds: int, slow: bool, log: Path) -> list[dict]:
     runs = []
     for n in range(1, rounds + 1):
-        cmd = [sys.executable, "-m", "pytest", "tests/integration/test_faults.py", "-q", "-rsxX",
-               "-p", "no:cacheprovider", "-m", "slow or not slow" if slow else "not slow"]
+        cmd = [sys.executable, "-m", "pytest", "tests/integration/test_faults.py", "-q",
+               "-rfEsxX", "-p", "no:cacheprovider", "-m",
+               "slow or not slow" if slow else "not slow"]
         print(f"round {n}/{rounds}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "SS_RELIABILITY_LOG": str(log)},
@@ -59,8 +60,8 @@ def run_tests(rounds: int, slow: bool, log: Path) -> list[dict]:
               file=sys.stderr, flush=True)
         runs.append({"round": n, "exit": proc.returncode, "summary": tail[0],
                      "seconds": round(time.monotonic() - t0, 1),
-                     "skipped": [line for line in proc.stdout.splitlines()
-                                 if line.startswith(("SKIPPED", "XFAIL", "FAILED", "XPASS"))]})
+                     "notes": [line for line in proc.stdout.splitlines() if line.startswith(
+                         ("SKIPPED", "XFAIL", "XPASS", "FAILED", "ERROR"))]})
     return runs
 
 
