@@ -24,6 +24,7 @@ from .docker_adapter import ContainerEvent, DockerEngine
 from .errors import StartFailed, SupervisorError
 from .lifecycle import Observed
 from .notify_listener import NotifyListener
+from .oom import kernel_oom_killed
 from .prepare import Prepared
 from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS
 from .state import (Record, State, exit_reason, next_delay, record_death,
@@ -431,6 +432,8 @@ class Supervisor:
             return  # a stale event: the container runs (again)
         oom = bool(info and info.oom_killed) or rec.extra.pop("oom", False)
         code = info.exit_code if info else exit_code
+        if not oom and code == 137 and rec.container_id:
+            oom = kernel_oom_killed(rec.container_id)  # Docker misses some on cgroup v1
         rec.last_exit_code = code
         rec.last_exit_reason = "ready timeout" if rec.extra.pop("timed_out", False) else \
             exit_reason(code, oom)
