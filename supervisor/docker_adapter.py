@@ -67,6 +67,12 @@ class DockerEngine:
                 f"Docker engine not reachable ({type(err).__name__}) (fix: start dockerd, e.g. "
                 "scripts/ensure-docker, or set DOCKER_HOST)") from None
 
+    def ping(self) -> bool:
+        try:
+            return bool(self.api.ping())
+        except Exception:
+            return False
+
     # --- images, networks, volumes ------------------------------------------------------
 
     def image_id(self, image: str) -> str | None:

@@ -32,6 +32,7 @@ from .state import (Record, State, exit_reason, next_delay, record_death,
 from .statedir import materialize
 
 RELIST_EVERY = 30.0
+DOCKER_RETRY = 2.0  # seconds between start attempts while the engine does not answer
 PROBE_INTERVAL = 0.1
 
 
@@ -54,6 +55,7 @@ class StartedMsg:
     generation: int
     ip: str | None
     error: str | None
+    docker_down: bool = False  # the engine did not answer: not the container's fault
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,9 @@ class Supervisor:
                 info = self.engine.inspect(cid)
                 self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
             except Exception as err:
-                self.queue.put(StartedMsg(rec.instance, gen, None, str(err)))
+                reachable = self.engine.ping()
+                self.queue.put(StartedMsg(rec.instance, gen, None, str(err),
+                                          docker_down=not reachable))
 
         self.pool.submit(call)
         self.on_change(self)
@@ -373,7 +377,8 @@ class Supervisor:
                 break  # nothing is (re)started while the stack stops
             if rec.state is State.BACKOFF and rec.retry_at is not None and now >= rec.retry_at:
                 if self._deps_ready(rec.instance):
-                    self.records[rec.instance].restarts += 1
+                    if not rec.extra.pop("docker_down", False):  # a retry is not a restart
+                        rec.restarts += 1
                     self._start(rec, f"restart after {rec.last_exit_reason}")
                 else:
                     transition(rec, State.WAITING, now, "a dependency is not ready")
@@ -471,6 +476,15 @@ class Supervisor:
     def _on_started(self, msg: StartedMsg) -> None:
         rec = self.records[msg.instance]
         if msg.generation != rec.generation or rec.state is not State.STARTING:
+            return
+        if msg.error and msg.docker_down:
+            # dockerd is away (restarting?): try again without counting it against the container
+            self.log.warning("docker_unreachable", instance=rec.instance, error=msg.error[:200])
+            now = time.monotonic()
+            transition(rec, State.BACKOFF, now, "Docker engine unreachable")
+            rec.extra["docker_down"] = True
+            rec.backoff_delay = DOCKER_RETRY
+            rec.retry_at = now + DOCKER_RETRY
             return
         if msg.error:
             self.log.error("start_failed", instance=rec.instance, error=msg.error)

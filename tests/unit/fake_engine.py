@@ -31,6 +31,9 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._n = 0
 
+    def ping(self):
+        return True
+
     # images, networks, volumes
     def image_id(self, image):
         return "sha256:" + image

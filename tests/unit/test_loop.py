@@ -145,3 +145,27 @@ def test_stop_goes_workers_then_main_then_infrastructure(make):
     assert set(stops[1:3]) == set(WORKERS) and stops[3] == "main"
     assert set(stops[4:]) == {"postgres", "redis"}
     assert sup.phase == "stopped"
+
+
+def test_engine_away_is_not_counted_against_the_container(make, monkeypatch):
+    sup, engine = make()
+    sup.start_stack()
+    real_start = engine.start
+    back_at = time.monotonic() + 0.5  # dockerd "restarts" for half a second
+    refused = []
+
+    def start(cid):
+        if time.monotonic() < back_at:
+            refused.append(cid)
+            raise ConnectionError("dockerd is restarting")
+        real_start(cid)
+
+    engine.start = start
+    engine.ping = lambda: time.monotonic() >= back_at
+    monkeypatch.setattr(loop_mod, "DOCKER_RETRY", 0.05)
+    engine.die("sync-1", 143)
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.READY
+               and sup.records["sync-1"].restarts >= 1, timeout=10)
+    assert len(refused) >= 2
+    assert sup.records["sync-1"].attempts == 1  # the death only, not the refused starts
+    assert sup.records["sync-1"].restarts == 1
