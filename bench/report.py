@@ -41,6 +41,48 @@ def _x(ratio: dict | None) -> str:
     return f"{r:.2f}"
 
 
+def section_windows(res: dict) -> dict[str, list[float]]:
+    """Wall-clock window of each section: recorded, or (older runs) derived from the start
+    time, the quiet wait and the sections' durations (to within the few seconds of set-up)."""
+    if res.get("section_windows"):
+        return res["section_windows"]
+    import calendar
+    t = calendar.timegm(time.strptime(res["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
+    t += (res.get("quiet_wait") or {}).get("waited_seconds", 0)
+    out = {}
+    for name in (res.get("config") or {}).get("sections", []):
+        secs = (res.get("section_seconds") or {}).get(name)
+        if secs is None:
+            continue
+        out[name] = [t, t + secs]
+        t += secs
+    return out
+
+
+def noise(res: dict, t_from: float, t_to: float) -> dict:
+    samples = [x for x in ((res.get("load") or {}).get("during") or {}).get("samples", [])
+               if t_from - 10 <= x["t"] <= t_to]
+    others = [x["other_stack_containers"] or 0 for x in samples]
+    return {"samples": len(samples), "others_max": max(others, default=0),
+            "share_with_others": round(sum(1 for o in others if o) / len(others), 2)
+            if others else None, "load_max": max((x["load1"] for x in samples), default=None)}
+
+
+def noise_line(res: dict, section: str) -> str:
+    w = section_windows(res).get(section)
+    if not w:
+        return ""
+    n = noise(res, *w)
+    if not n["samples"]:
+        return ""
+    if not n["others_max"]:
+        return (f"Noise: no other stack ran during this section (1-minute load max "
+                f"{n['load_max']}, the bench's own containers included).")
+    return (f"Noise: **another engineer's stack ran during {round(100 * n['share_with_others'])} "
+            f"% of this section** (up to {n['others_max']} containers; 1-minute load max "
+            f"{n['load_max']}, the bench's own containers included).")
+
+
 def machine_line(res: dict) -> str:
     m = res.get("machine", {})
     load = res.get("load", {})
@@ -58,8 +100,9 @@ def machine_line(res: dict) -> str:
             f"{res.get('run_id')}, {round((res.get('duration_seconds') or 0) / 60)} min. Load "
             f"(1 min) before {load.get('before', ['?'])[0]}, during median "
             f"{during.get('median', '-')} / max {during.get('max', '-')}, after "
-            f"{(load.get('after') or ['?'])[0]}; other stacks' containers during the run: max "
-            f"{others}; {quiet}.")
+            f"{(load.get('after') or ['?'])[0]} (the bench's own containers included: the scale "
+            f"section runs 200); other stacks' containers during the run: max {others}; "
+            f"{quiet}.")
 
 
 def markdown(res: dict) -> str:
@@ -78,6 +121,18 @@ def markdown(res: dict) -> str:
             f"rotating order; ratio = ours ÷ theirs per round, median over rounds (< 1: ours is "
             f"faster).")
         add("")
+        nl = noise_line(res, "start")
+        if nl:
+            dirty = []
+            for r in cs.get("rounds", []):
+                t0s = [r[k]["t0"] for k in r if isinstance(r[k], dict) and "t0" in r[k]]
+                t_end = max(r[k]["t0"] + r[k]["seconds"] for k in r
+                            if isinstance(r[k], dict) and "t0" in r[k]) + 5
+                if t0s and noise(res, min(t0s), t_end)["others_max"]:
+                    dirty.append(str(r["round"]))
+            add(nl + (f" Rounds with another stack running: {', '.join(dirty) or 'none'} of "
+                      f"{len(cs.get('rounds', []))}." if dirty else ""))
+            add("")
         add("| method | ready when | median | range | ours ÷ it |")
         add("|---|---|---|---|---|")
         add(f"| **synapse-supervisor** (daemon start → `status` says ready) | every process "
@@ -132,6 +187,9 @@ def markdown(res: dict) -> str:
             f" in alternating blocks; each kill after ≥ {cr.get('settle_seconds'):.0f} s of "
             f"running). Median / p99 from Docker's `die` event:")
         add("")
+        if noise_line(res, "crash"):
+            add(noise_line(res, "crash"))
+            add("")
         add("| | die → start | die → `/health` 200 | die → ready (replication) |")
         add("|---|---|---|---|")
 
@@ -168,6 +226,9 @@ def markdown(res: dict) -> str:
         add(f"**Daemon cost** ({idle['containers']} containers, idle "
             f"{round(idle['seconds'] / 60, 1)} min)")
         add("")
+        if noise_line(res, "cost"):
+            add(noise_line(res, "cost"))
+            add("")
         add("| | value |")
         add("|---|---|")
         add(f"| CPU while idle | {idle['cpu_percent_of_one_core']:.2f} % of one core "
@@ -192,6 +253,9 @@ def markdown(res: dict) -> str:
             f"median of {sc['runs'][0]['ours'].__len__() - 1} alternating rounds; 'first': the "
             f"daemon also creates its containers one by one and PostgreSQL runs initdb.")
         add("")
+        if noise_line(res, "scale"):
+            add(noise_line(res, "scale"))
+            add("")
         add("| workers | ours, existing | of which the workers tier | bare, existing | ours ÷ "
             "bare | ours, first (creating; initdb) | bare, first (creating) | ours stop "
             "| daemon RSS, `GET /v1/status` |")

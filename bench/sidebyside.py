@@ -873,6 +873,8 @@ def main(argv=None) -> int:
                 log(f"section {name} FAILED: {err}\n{traceback.format_exc()}")
                 bench.stop_all()
             res.setdefault("section_seconds", {})[name] = round(time.time() - t_sec)
+            res.setdefault("section_windows", {})[name] = [round(t_sec, 1),
+                                                           round(time.time(), 1)]
     finally:
         bench.cleanup()
         res["load"]["after"] = bl.loadavg()
