@@ -558,13 +558,26 @@ def cleanup(client: docker.DockerClient, prefix: str) -> dict:
                 removed["containers"] += 1
             except docker.errors.NotFound:
                 pass
+    left = []
     for n in client.api.networks(filters={"label": STACK_LABEL}):
         if (n.get("Labels") or {}).get(STACK_LABEL, "").startswith(prefix):
-            try:
-                client.api.remove_network(n["Id"])
-                removed["networks"] += 1
-            except docker.errors.APIError:
-                pass
+            for attempt in range(4):  # endpoints of just-removed containers go away lazily
+                try:
+                    client.api.remove_network(n["Id"])
+                    removed["networks"] += 1
+                    break
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError:
+                    if attempt == 3:
+                        # dockerd 20.10 sometimes keeps stale endpoints after removing many
+                        # containers ("has active endpoints"); a dockerd restart clears them.
+                        left.append(n["Name"])
+                    else:
+                        time.sleep(2)
+    if left:
+        removed["networks_left"] = left
+        log(f"could not remove networks {left} (stale endpoints in dockerd)")
     for v in client.api.volumes(filters={"label": STACK_LABEL}).get("Volumes") or []:
         if (v.get("Labels") or {}).get(STACK_LABEL, "").startswith(prefix):
             try:
