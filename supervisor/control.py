@@ -67,8 +67,8 @@ class ControlServer:
         os.chmod(path, 0o660)
         if self.gid is not None:
             os.chown(path, -1, self.gid)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="control",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       name="control", daemon=True)
 
     def start(self) -> None:
         self.thread.start()

@@ -120,7 +120,8 @@ class Metrics:
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), name="metrics",
+                         daemon=True).start()
 
     def close(self) -> None:
         if self.server:

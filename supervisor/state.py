@@ -4,6 +4,7 @@ States (docs/states.md draws them):
   STOPPED  -> STARTING   start requested
   STARTING -> READY      listening and replicating (or, for PostgreSQL/Redis, serving)
   STARTING -> BACKOFF    died or timed out before ready; retried after a growing delay
+                         (the first retry is immediate, then initial_delay, doubling, capped)
   STARTING -> FAILED     died before ready `max_attempts` times in a row: waits for an operator
   READY    -> BACKOFF    died after being ready (counts from 1 again once it was stable)
   BACKOFF  -> STARTING   the delay is over
@@ -108,11 +109,13 @@ def exit_reason(exit_code: int | None, oom_killed: bool) -> str:
 
 
 def next_delay(policy: RestartPolicy, attempt: int, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): initial_delay * multiplier^(attempt-1),
-    capped at max_delay, then spread by +-jitter so crashed containers do not retry in
-    lockstep."""
+    """Delay before retry number `attempt` (1-based): none for the first, then
+    initial_delay * multiplier^(attempt-2), capped at max_delay, spread by +-jitter so crashed
+    containers do not retry in lockstep."""
+    if attempt <= 1:
+        return 0.0  # the first death after a stable run (or the first ever): restart at once
     base = min(policy.max_delay,
-               policy.initial_delay * policy.multiplier ** max(0, attempt - 1))
+               policy.initial_delay * policy.multiplier ** max(0, attempt - 2))
     spread = (rng or random).uniform(-policy.jitter, policy.jitter)
     return max(0.0, base * (1 + spread))
 

@@ -54,13 +54,13 @@ def test_forbidden_edges_name_the_allowed_ones(start, to):
 
 def test_backoff_doubles_and_caps_without_jitter():
     p = RestartPolicy(initial_delay=1, max_delay=10, multiplier=2, jitter=0)
-    assert [next_delay(p, n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert [next_delay(p, n) for n in range(1, 8)] == [0, 1, 2, 4, 8, 10, 10]
 
 
 def test_backoff_jitter_stays_within_bounds():
     p = RestartPolicy(initial_delay=4, max_delay=60, multiplier=2, jitter=0.25)
     rng = random.Random(7)
-    delays = [next_delay(p, 1, rng) for _ in range(200)]
+    delays = [next_delay(p, 2, rng) for _ in range(200)]
     assert min(delays) >= 3.0 and max(delays) <= 5.0 and len(set(delays)) > 100
 
 
