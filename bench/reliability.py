@@ -73,11 +73,12 @@ def aggregate(records: list[dict]) -> list[dict]:
     for fault in sorted(by_fault, key=lambda f: (ORDER.index(f) if f in ORDER else 99, f)):
         recs = by_fault[fault]
         secs = [r["seconds"] for r in recs if r.get("seconds") is not None]
-        outcome = recs[0].get("outcome", "recovered")
+        outcomes = [r.get("outcome", "recovered") for r in recs]
+        outcome = "failed as designed" if "failed as designed" in outcomes else "recovered"
         lost = [r["lost"] for r in recs if r.get("lost") is not None]
         rows.append({
             "fault": fault, "runs": len(recs), "outcome": outcome,
-            "ok": sum(r.get("outcome", "recovered") == outcome for r in recs),
+            "ok": outcomes.count(outcome),
             "median_seconds": round(statistics.median(secs), 1) if secs else None,
             "max_seconds": round(max(secs), 1) if secs else None,
             "messages_lost": sum(lost) if lost else None,
@@ -91,7 +92,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["outcome"] == "recovered":
             recovered = f"{r['ok']}/{r['runs']}"
-            when = f"{r['median_seconds']} s ({r['max_seconds']} s)"
+            when = f"{r['median_seconds']} s ({r['max_seconds']} s)" \
+                if r["median_seconds"] is not None else "never (see Known problems)"
         else:
             recovered = f"no: marked failed, as designed ({r['ok']}/{r['runs']})"
             when = f"failed after {r['median_seconds']} s ({r['max_seconds']} s)"

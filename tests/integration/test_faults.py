@@ -375,7 +375,34 @@ def other_activity(run: StackRun) -> str | None:
     return None
 
 
+def wait_ready_or_stuck(run: StackRun, timeout: float = RECOVER_TIMEOUT) -> tuple[dict, bool]:
+    """(last status, ready?): gives up early once a container is `failed`, which needs an
+    operator."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        assert run.proc.poll() is None, "the daemon exited:\n" + run.log_tail()
+        code, out, _ = run.ctl("status", "--json", timeout=60)
+        if out:
+            status = json.loads(out)
+            if status["state"] == "ready":
+                return status, True
+            if any(r["state"] == "failed" for r in status["containers"]):
+                time.sleep(5)  # is it really stuck? failed needs an operator
+                status = run.status()
+                if status["state"] != "ready" and \
+                        any(r["state"] == "failed" for r in status["containers"]):
+                    return status, False
+        time.sleep(0.3)
+    return status, False
+
+
 @pytest.mark.dockerd_restart
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: supervisor/loop.py _start/_on_started count a start that fails because Docker is "
+    "unreachable (dockerd shutting down or down: 'failed to update store', 'Connection "
+    "aborted') as a death of the container: with dockerd away for a few seconds PostgreSQL and "
+    "Redis burn their max_attempts and end `failed`, main and the workers wait on them forever"))
 def test_dockerd_restart_under_the_daemon(stack, docker_client):
     lock_path = REPO / "image" / ".cache" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,12 +431,15 @@ def test_dockerd_restart_under_the_daemon(stack, docker_client):
             time.sleep(0.2)
         assert not Path(f"/proc/{pids[0]}").exists(), "dockerd did not exit on SIGTERM"
         subprocess.run([str(REPO / "scripts" / "ensure-docker")], check=True, timeout=300)
-        assert stack.proc.poll() is None, "the daemon exited while dockerd was away:\n" + \
-            stack.log_tail()
-        status = stack.wait_ready(timeout=RECOVER_TIMEOUT)
+        status, ready = wait_ready_or_stuck(stack)
         seconds = time.monotonic() - t0
     finally:
         os.close(lock)
+    if not ready:
+        record("dockerd restart", None, None, "not recovered")
+        stuck = {r["instance"]: (r["state"], r["last_exit_reason"]) for r in status["containers"]
+                 if not r["ready"]}
+        raise AssertionError(f"the stack did not come back after dockerd restarted: {stuck}")
     assert status["ready"] == status["total"] == len(stack.instances)
     found = {c.labels["synapse-supervisor.instance"]: c for c in docker_client.containers.list(
         all=True, filters={"label": f"{STACK_LABEL}={stack.name}"})}
