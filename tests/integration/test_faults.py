@@ -583,9 +583,11 @@ def test_oom_killed_worker_backs_off_then_fails(broken):
     assert row["last_exit_code"] == 137, row
     assert row["attempts"] == BROKEN_RESTART["max_attempts"], row
     assert_backoff_then_failed(broken, "sync-1")
+    assert [e["reason"] for e in died_events(broken, "sync-1")] and all(
+        e["reason"] in ("OOM-killed", "signal 9 (SIGKILL)") for e in died_events(broken, "sync-1"))
     kills = kernel_oom_kills(c.id)
-    if kills is not None:  # the kernel says it was the OOM killer, every time
-        assert kills >= BROKEN_RESTART["max_attempts"], kills
+    if kills is not None:  # the kernel says it was the OOM killer (its ring buffer may have
+        assert kills >= 1, "no OOM kill of this container in the kernel log"  # rotated)
     assert_rest_ready(broken, {"client-reader-1", "sync-1"})
     text = daemon_metrics(broken)
     assert metric_value(text, "synapse_supervisor_container_state", state="failed",
