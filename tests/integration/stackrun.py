@@ -371,8 +371,11 @@ def raw_control(path: str | Path, request: bytes, timeout: float = 60) -> tuple[
             data += chunk
     finally:
         sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    if data.startswith(b"HTTP/"):
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+    else:  # an HTTP/0.9-style answer (to a request line that is not HTTP/1.x): body only
+        status, body = 0, data
     try:
         parsed = json.loads(body)
     except ValueError:
