@@ -487,8 +487,19 @@ class Supervisor:
             rec.retry_at = now + DOCKER_RETRY
             return
         if msg.error:
-            self.log.error("start_failed", instance=rec.instance, error=msg.error)
-            self._on_death(rec, None)
+            # The start call itself was refused (engine shutting down, a mount or port
+            # problem): not a death of the container. Back off and retry, growing the delay,
+            # without spending its restart attempts.
+            errors = rec.extra.get("start_errors", 0) + 1
+            rec.extra["start_errors"] = errors
+            rec.last_exit_reason = f"start refused: {msg.error[:120]}"
+            self.log.error("start_failed", instance=rec.instance, error=msg.error, tries=errors)
+            now = time.monotonic()
+            rec.backoff_delay = next_delay(self.policy, errors + 1)
+            transition(rec, State.BACKOFF, now, rec.last_exit_reason)
+            rec.retry_at = now + rec.backoff_delay
+            rec.extra["docker_down"] = True  # a retry, not a restart
+            self._update_phase()
             return
         rec.ip = msg.ip
         # Synapse: wait for its own READY=1 before probing replication.
@@ -500,6 +511,7 @@ class Supervisor:
         if msg.generation != rec.generation or rec.state is not State.STARTING or not msg.ok:
             return
         transition(rec, State.READY, time.monotonic(), "ready")
+        rec.extra.pop("start_errors", None)
         self.log.info("ready", instance=rec.instance, container=(rec.container_id or "")[:12],
                       seconds=round(rec.last_time_to_ready or 0, 3))
         if not rec.extra.get("adopted"):

@@ -7,6 +7,7 @@ on the real notify sockets. What is asserted is the runbook: order, waiting, bac
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import structlog
@@ -168,4 +169,25 @@ def test_engine_away_is_not_counted_against_the_container(make, monkeypatch):
                and sup.records["sync-1"].restarts >= 1, timeout=10)
     assert len(refused) >= 2
     assert sup.records["sync-1"].attempts == 1  # the death only, not the refused starts
+    assert sup.records["sync-1"].restarts == 1
+
+
+def test_refused_start_calls_back_off_without_spending_attempts(make, monkeypatch):
+    sup, engine = make()
+    sup.start_stack()
+    real_start = engine.start
+    refusals = {"left": 7}
+
+    def start(cid):
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise RuntimeError("Cannot start container: daemon is shutting down")
+        real_start(cid)
+
+    engine.start = start
+    monkeypatch.setattr(sup, "policy", replace(sup.policy, initial_delay=0.01, max_delay=0.05))
+    engine.die("sync-1", 143)
+    pump_until(sup, lambda: sup.records["sync-1"].state is State.READY
+               and refusals["left"] == 0, timeout=10)
+    assert sup.records["sync-1"].attempts == 1  # 7 refusals > max_attempts, never failed
     assert sup.records["sync-1"].restarts == 1
