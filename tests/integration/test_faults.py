@@ -398,11 +398,6 @@ def wait_ready_or_stuck(run: StackRun, timeout: float = RECOVER_TIMEOUT) -> tupl
 
 
 @pytest.mark.dockerd_restart
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: supervisor/loop.py _start/_on_started count a start that fails because Docker is "
-    "unreachable (dockerd shutting down or down: 'failed to update store', 'Connection "
-    "aborted') as a death of the container: with dockerd away for a few seconds PostgreSQL and "
-    "Redis burn their max_attempts and end `failed`, main and the workers wait on them forever"))
 def test_dockerd_restart_under_the_daemon(stack, docker_client):
     lock_path = REPO / "image" / ".cache" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
