@@ -267,9 +267,10 @@ class Supervisor:
                     lines = self.engine.last_lines(rec.container_id) if rec.container_id else []
                     for line in lines:
                         self.log.error("container_output", instance=rec.instance, line=line)
+                    words = [ln.strip() for ln in lines if any(c.isalnum() for c in ln)]
                     raise StartFailed(f"{rec.instance} did not become ready ({why}); no later "
                                       f"tier was started. Last output: "
-                                      f"{lines[-1] if lines else '(none)'}")
+                                      f"{words[-1] if words else '(none)'}")
             self._pump(timeout=0.2)
 
     def _start(self, rec: Record, reason: str) -> None:
