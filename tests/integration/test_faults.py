@@ -214,20 +214,46 @@ def kill_and_recover(run: StackRun, chat: Chat, instance: str, label: str) -> fl
 # ------------------------------------------------------------------------------ the stack
 
 
+def kill_leaked_shims(container_ids: set[str]) -> list[int]:
+    """containerd shims left behind for containers that are gone (a start that raced dockerd's
+    shutdown leaves one): ours only, by the container id on their command line."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"containerd-shim-runc-v2") and b"-id" in args:
+            cid = args[args.index(b"-id") + 1].decode()
+            if cid in container_ids:
+                try:
+                    os.kill(int(entry.name), signal.SIGTERM)
+                    killed.append(int(entry.name))
+                except OSError:
+                    pass
+    return killed
+
+
 @pytest.fixture(scope="module")
 def stack(docker_client, images, tmp_path_factory):
     name = f"sstf{uuid.uuid4().hex[:6]}"
     run = StackRun(tmp_path_factory.mktemp("faults") / "stack", name, dict(WORKERS),
                    docker_client, restart=dict(RESTART))
+    ids: set[str] = set()
     try:
         run.start_daemon()
         status = run.wait_ready()
         run.instances = tuple(c["instance"] for c in status["containers"])
         assert set(ALL) <= set(run.instances), run.instances
+        ids |= {c.id for c in run.containers().values()}
         run.chat = Chat(run)
         yield run
     finally:
+        ids |= {c.id for c in run.containers().values()}
         run.cleanup()
+        kill_leaked_shims(ids)
 
 
 @pytest.mark.parametrize("role", list(WORKER_OF) + ["proxy"])
@@ -398,6 +424,15 @@ def wait_ready_or_stuck(run: StackRun, timeout: float = RECOVER_TIMEOUT) -> tupl
 
 
 @pytest.mark.dockerd_restart
+# Not strict: it depends on whether one of the daemon's start calls lands while dockerd is
+# shutting down (it passed in one of three runs on the fixed product).
+@pytest.mark.xfail(strict=False, reason=(
+    "bug (intermittent): supervisor/loop.py restarts containers while dockerd is shutting down "
+    "(their 'die' events arrive first and refused starts are retried every backoff); a start "
+    "that races the shutdown leaves a containerd task behind, and after dockerd is back every "
+    "start of that container is refused with 'task <id>: already exists' - retried forever, "
+    "the stack stays degraded. Hold restarts while the event stream is down, and recreate a "
+    "container whose start is refused with 'already exists'"))
 def test_dockerd_restart_under_the_daemon(stack, docker_client):
     lock_path = REPO / "image" / ".cache" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
