@@ -2,7 +2,7 @@
 """Reliability figures: run the fault matrix, collect what each fault cost, write the table.
 
     .venv/bin/python bench/reliability.py [--rounds N] [--slow] [--update-docs]
-    .venv/bin/python bench/reliability.py --from-log FILE [--update-docs]
+    .venv/bin/python bench/reliability.py --from-log FILE [--from-log FILE2] [--update-docs]
 
 Runs tests/integration/test_faults.py (the real daemon, real Docker, Synapse, PostgreSQL and
 Redis) `--rounds` times with SS_RELIABILITY_LOG set: every fault the tests inject appends one
@@ -37,7 +37,7 @@ DOC = REPO / "docs" / "reliability.md"
 BEGIN, END = "<!-- BEGIN reliability-table -->", "<!-- END reliability-table -->"
 ORDER = [
     "SIGKILL sync", "SIGKILL event_persister", "SIGKILL federation_sender",
-    "SIGKILL client_reader", "SIGKILL main", "SIGKILL postgres", "SIGKILL redis",
+    "SIGKILL client_reader", "SIGKILL proxy", "SIGKILL main", "SIGKILL postgres", "SIGKILL redis",
     "daemon SIGKILL mid-start (infrastructure starting)",
     "daemon SIGKILL mid-start (main ready, workers starting)", "dockerd restart",
     "worker exits at once on every start", "worker OOM-killed on every start (40m limit)",
@@ -115,22 +115,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--slow", action="store_true", help="also five SIGKILLs per role")
-    parser.add_argument("--from-log", type=Path, help="aggregate an existing JSON-lines log")
+    parser.add_argument("--from-log", type=Path, action="append",
+                        help="aggregate existing JSON-lines logs instead of running (repeatable)")
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     runs = []
     if args.from_log:
-        log = args.from_log
+        logs = args.from_log
     else:
-        log = Path(tempfile.mkstemp(prefix="reliability-", suffix=".jsonl")[1])
-        runs = run_tests(args.rounds, args.slow, log)
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        logs = [Path(tempfile.mkstemp(prefix="reliability-", suffix=".jsonl")[1])]
+        runs = run_tests(args.rounds, args.slow, logs[0])
+    records = [json.loads(line) for log in logs for line in log.read_text().splitlines()
+               if line.strip()]
     rows = aggregate(records)
     result = {
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
                  "python": platform.python_version()},
-        "rounds": runs, "faults": rows, "records": records,
+        "rounds": runs, "from_logs": [str(p) for p in args.from_log or []],
+        "faults": rows, "records": records,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")

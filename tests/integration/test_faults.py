@@ -425,7 +425,7 @@ def wait_ready_or_stuck(run: StackRun, timeout: float = RECOVER_TIMEOUT) -> tupl
 
 @pytest.mark.dockerd_restart
 # Not strict: it depends on whether one of the daemon's start calls lands while dockerd is
-# shutting down (on the fixed product it passed once and failed once so far).
+# shutting down (on the fixed product it passed 4 of 5 runs here).
 @pytest.mark.xfail(strict=False, reason=(
     "bug (intermittent): supervisor/loop.py restarts containers while dockerd is shutting down "
     "(their 'die' events arrive first and refused starts are retried every backoff); a start "
