@@ -97,6 +97,8 @@ def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
     targets_file = prepared.stack.state_dir / "prometheus-targets.json"
 
     def on_change(sup: Supervisor) -> None:
+        if not sup.records:
+            return  # refused before anything was set up: write nothing
         line = status_line(sup)
         if line != last_status[0]:
             last_status[0] = line

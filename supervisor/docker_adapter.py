@@ -52,6 +52,11 @@ class DockerError(SupervisorError):
     exit_code = 1
 
 
+class StaleTask(DockerError):
+    """The engine refuses to start a container because containerd still holds a task for it
+    ("task <id>: already exists"). It happens when a start call raced dockerd's shutdown: the
+    task outlived the engine, and no later start of that container can succeed. The way out
+    is to remove the container and create it again."""
 
 
 class DockerEngine:
@@ -178,7 +183,10 @@ class DockerEngine:
         try:
             self.api.start(container_id)
         except docker.errors.APIError as err:
-            raise DockerError(f"starting {container_id[:12]}: {err.explanation or err}") from None
+            text = str(err.explanation or err)
+            if "task" in text and "already exists" in text:
+                raise StaleTask(f"starting {container_id[:12]}: {text}") from None
+            raise DockerError(f"starting {container_id[:12]}: {text}") from None
 
     def stop(self, container_id: str, timeout: float) -> None:
         try:

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from . import lifecycle, probes, proxy_config
 from .containers import SYNAPSE_UID, ContainerSpec, layout_of, specs
-from .docker_adapter import ContainerEvent, DockerEngine
-from .errors import StartFailed, SupervisorError
+from .docker_adapter import ContainerEvent, DockerEngine, StaleTask
+from .errors import ConfigError, StartFailed
 from .lifecycle import Observed
 from .notify_listener import NotifyListener
 from .oom import kernel_oom_killed
@@ -136,10 +136,10 @@ class Supervisor:
         """Write the state directory, make the network and volumes, then converge containers
         (adopt what matches, create what is missing, recreate what changed)."""
         images = {img: self.engine.image_id(img) for img in self._images()}
-        missing = [img for img, found in images.items() if not found]
-        if missing:
-            raise SupervisorError(f"image {missing[0]} not found (fix: run image/build, or set "
-                                  "images: in the stack file)")
+        for key, img in self._image_keys():
+            if not images.get(img):
+                raise ConfigError(self.stack.stack_file, key, f"image {img} is not in the local "
+                                  "Docker engine", "run image/build, or name a built image")
         self.specs = specs(self.prepared, {k: v or "" for k, v in images.items()})
         changed = materialize(self.prepared)
         if changed:
@@ -156,12 +156,18 @@ class Supervisor:
         self._start_event_thread()
         self._converge()
 
+    def _image_keys(self) -> list[tuple[str, str]]:
+        """(stack file key, image) for every image this stack runs."""
+        images, stack = self.stack.images, self.stack
+        wanted = [("images.synapse", images.synapse),
+                  ("images.postgres", images.postgres if stack.postgres.mode == "managed"
+                   else None),
+                  ("images.redis", images.redis if stack.redis.mode == "managed" else None),
+                  ("images.proxy", images.proxy if stack.has_proxy else None)]
+        return [(key, img) for key, img in wanted if img]
+
     def _images(self) -> set[str]:
-        return {spec_image for spec_image in (
-            self.stack.images.synapse,
-            self.stack.images.postgres if self.stack.postgres.mode == "managed" else None,
-            self.stack.images.redis if self.stack.redis.mode == "managed" else None,
-            self.stack.images.proxy if self.stack.has_proxy else None) if spec_image}
+        return {img for _, img in self._image_keys()}
 
     def _converge(self) -> None:
         found = self.engine.list_stack(self.stack.name)
@@ -280,6 +286,7 @@ class Supervisor:
         transition(rec, State.STARTING, time.monotonic(), reason)
         rec.extra.pop("notified", None)
         rec.extra.pop("adopted", None)
+        rec.extra.pop("oom", None)  # an OOM flag belongs to the run that died
         rec.ip = None
         rec.extra["start_wall_ns"] = time.time_ns()  # older die events belong to older runs
         gen = rec.generation
@@ -293,7 +300,11 @@ class Supervisor:
                 if cid is None or self.engine.inspect(cid) is None:
                     cid = self.engine.create(spec)
                     self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
-                self.engine.start(cid)
+                try:
+                    self.engine.start(cid)
+                except StaleTask as err:
+                    cid = self._replace_container(rec, spec, cid, str(err))
+                    self.engine.start(cid)
                 info = self.engine.inspect(cid)
                 self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
             except Exception as err:
@@ -303,6 +314,18 @@ class Supervisor:
 
         self.pool.submit(call)
         self.on_change(self)
+
+    def _replace_container(self, rec: Record, spec: ContainerSpec, old: str, why: str) -> str:
+        """(Worker thread.) Remove a container the engine can no longer start and create it
+        again from its spec; volumes are kept. Its `destroy` event is not a death."""
+        self.log.warning("container_replaced", instance=rec.instance, container=old[:12],
+                         reason=why[:200])
+        # Queued before the removal, so the loop knows of it before the destroy event.
+        self.queue.put(CallMsg(lambda s: rec.extra.__setitem__("replaced", old)))
+        self.engine.remove(old)
+        cid = self.engine.create(spec)
+        self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
+        return cid
 
     def _probe(self, rec: Record) -> None:
         """Poll the honest readiness signal in a worker thread until it holds."""
@@ -413,13 +436,13 @@ class Supervisor:
 
     def _on_docker(self, ev: ContainerEvent) -> None:
         rec = self._record_for(ev)
-        if rec is None:
+        if rec is None or ev.container_id == rec.extra.get("replaced"):
             return
+        if ev.action in ("oom", "die") and ev.time_nano < rec.extra.get("start_wall_ns", 0):
+            return  # news of a run before our latest start call
         if ev.action == "oom":
             rec.extra["oom"] = True
         elif ev.action == "die":
-            if ev.time_nano < rec.extra.get("start_wall_ns", 0):
-                return  # the death of a run before our latest start call
             self._on_death(rec, ev.exit_code)
         elif ev.action == "destroy":
             rec.container_id = None

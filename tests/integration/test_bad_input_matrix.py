@@ -14,8 +14,8 @@ Unit tests (tests/unit/test_bad_input.py) cover the stack-file cases through `sy
 validate`; here the same kind of input goes through the real daemon, next to a running stack
 that must not notice anything.
 
-Cases marked xfail(strict=True) are product bugs found by this table (see the reason); they
-turn into failures as soon as the bug is fixed, so the mark gets removed with the fix.
+A product bug found by this table is marked xfail(strict=True) with the place in the code
+until it is fixed (none is open now: see docs/reliability.md for the ones fixed).
 """
 
 from __future__ import annotations
@@ -38,18 +38,6 @@ from tests.integration.stackrun import (REPO, VENV_BIN, StackRun, docker_changes
 
 DAEMON = [sys.executable, "-m", "supervisor.daemon"]
 SYNAPSECTL = [str(VENV_BIN / "synapsectl")]
-
-
-def bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason="bug: " + reason)
-
-
-# A start refused after the control socket is set up still creates the state directory.
-STATE_WRITTEN = bug("supervisor/daemon.py run(): when the start is refused after Supervisor "
-                    "exists (control socket, group, image), the finally's sup.stop_stack() calls "
-                    "on_change -> write_targets, which creates <state_dir> (mode 0755 from "
-                    "mkdir, not 0700) and prometheus-targets.json although nothing was started; "
-                    "skip write_targets/stop_stack when prepare_docker never ran")
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -196,19 +184,14 @@ DAEMON_CASES = [
                  id="stack-server-name-missing"),
     pytest.param(stack_set("daemon", "control_group", value="no-such-group-ss"),
                  ["daemon.control_group", "no-such-group-ss", "fix:"], 2,
-                 id="daemon-unknown-group", marks=STATE_WRITTEN),
+                 id="daemon-unknown-group"),
     pytest.param(a_regular_file_as_socket_dir, ["daemon.control_socket", "fix:"], 2,
-                 id="daemon-socket-dir-is-a-file", marks=STATE_WRITTEN),
+                 id="daemon-socket-dir-is-a-file"),
     pytest.param(stack_set("publish", "client", value="10.255.255.1:8008"),
                  ["stack.yaml: publish.client", "cannot bind"], 2,
                  id="publish-address-not-on-this-host"),
     pytest.param(stack_set("images", "synapse", value="sstest/no-such-image:0"),
-                 ["images.synapse", "sstest/no-such-image:0", "fix:"], 2, id="image-missing",
-                 marks=bug("supervisor/loop.py Supervisor.prepare_docker raises a plain "
-                           "SupervisorError 'image X not found' (exit 1, no file or key); it is "
-                           "bad input in the stack file: raise ConfigError(stack_file, "
-                           "'images.synapse', ...) (exit 2). The refused start also writes "
-                           "<state_dir>/prometheus-targets.json")),
+                 ["images.synapse", "sstest/no-such-image:0", "fix:"], 2, id="image-missing"),
     # homeserver.yaml, keys and secrets: read by the daemon before it touches anything
     pytest.param(hs_set("server_name", "other.test"), ["homeserver.yaml: server_name",
                                                        "differs", "fix:"], 2,

@@ -16,13 +16,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from supervisor.docker_adapter import ContainerEvent, ContainerInfo
+from supervisor.docker_adapter import ContainerEvent, ContainerInfo, StaleTask
 
 
 class FakeEngine:
     def __init__(self, state_dir: Path, behaviour: dict[str, list[str]] | None = None) -> None:
         """`behaviour[instance]` is consumed one entry per start: "ok" (ready), "die" (exits 1
-        at once), "hang" (never ready)."""
+        at once), "hang" (never ready), "stale" (the start is refused with containerd's
+        'task already exists', as after a start that raced dockerd's shutdown)."""
         self.state_dir = state_dir
         self.behaviour = behaviour or {}
         self.containers: dict[str, ContainerInfo] = {}
@@ -64,9 +65,11 @@ class FakeEngine:
     def start(self, cid):
         info = self.containers[cid]
         self.calls.append(("start", info.instance))
-        self.containers[cid] = replace(info, running=True, status="running")
         plan = self.behaviour.get(info.instance) or ["ok"]
         what = plan.pop(0) if len(plan) > 1 else plan[0]
+        if what == "stale":
+            raise StaleTask(f"starting {cid[:12]}: task {cid}: already exists")
+        self.containers[cid] = replace(info, running=True, status="running")
         if what == "die":
             threading.Timer(0.01, self.die, args=(info.instance, 1)).start()
         elif what == "ok" and info.role not in ("postgres", "redis", "proxy"):
@@ -101,7 +104,10 @@ class FakeEngine:
         return 0, ""
 
     def remove(self, cid):
-        self.containers.pop(cid, None)
+        self.calls.append(("remove", cid))
+        info = self.containers.pop(cid, None)
+        if info is not None:
+            self._events.put(ContainerEvent("destroy", cid, info.instance, None, time.time_ns()))
 
     def last_lines(self, cid, n=15):
         return ["Uninitialised database: run the main synapse process first"]

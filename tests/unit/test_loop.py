@@ -191,3 +191,44 @@ def test_refused_start_calls_back_off_without_spending_attempts(make, monkeypatc
                and refusals["left"] == 0, timeout=10)
     assert sup.records["sync-1"].attempts == 1  # 7 refusals > max_attempts, never failed
     assert sup.records["sync-1"].restarts == 1
+
+
+def test_container_whose_task_outlived_dockerd_is_replaced(make):
+    # After a start raced dockerd's shutdown, every start is refused with "task <id>: already
+    # exists": the container is removed and created again from its spec, and its destroy
+    # event is not taken for a death.
+    sup, engine = make({"main": ["ok", "stale", "ok"]})
+    sup.start_stack()
+    old = sup.records["main"].container_id
+    engine.die("main", 143)
+    pump_until(sup, lambda: sup.records["main"].state is State.READY
+               and sup.records["main"].container_id != old)
+    for _ in range(5):
+        sup._pump(0.02)  # let the destroy event of the old container arrive
+    rec = sup.records["main"]
+    assert rec.state is State.READY and rec.restarts == 1 and rec.attempts == 1
+    assert ("remove", old) in engine.calls
+    assert [i.instance for i in engine.containers.values()].count("main") == 1
+    assert engine.inspect(rec.container_id).running
+    assert [c for c in engine.calls if c[0] == "create"].count(("create", "main")) == 2
+
+
+def test_an_oom_flag_does_not_outlive_its_run(make):
+    sup, engine = make()
+    sup.start_stack()
+    rec = sup.records["sync-1"]
+    killed_at = time.time_ns()
+    engine.die("sync-1", 137)  # Docker's State.OOMKilled missed it; its oom event comes late
+    pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 1)
+    sup.queue.put(loop_mod.DockerMsg(loop_mod.ContainerEvent(
+        "oom", rec.container_id, "sync-1", None, killed_at)))
+    sup._pump(0.05)
+    assert "oom" not in rec.extra  # it belongs to the run before the restart
+    engine.die("sync-1", 137)
+    pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 2)
+    assert rec.last_exit_reason == "signal 9 (SIGKILL)"
+    sup.queue.put(loop_mod.DockerMsg(loop_mod.ContainerEvent(
+        "oom", rec.container_id, "sync-1", None, time.time_ns())))
+    engine.die("sync-1", 137)
+    pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 3)
+    assert rec.last_exit_reason == "OOM-killed"
