@@ -31,6 +31,16 @@ NOTIFY_DIR = "/run/synapse-notify"
 NOTIFY_SOCKET = f"{NOTIFY_DIR}/notify.sock"
 
 
+def image_keys(stack: Stack) -> list[tuple[str, str]]:
+    """(stack file key, image) for every image this stack runs."""
+    images = stack.images
+    wanted = [("images.synapse", images.synapse),
+              ("images.postgres", images.postgres if stack.postgres.mode == "managed" else None),
+              ("images.redis", images.redis if stack.redis.mode == "managed" else None),
+              ("images.proxy", images.proxy if stack.has_proxy else None)]
+    return [(key, img) for key, img in wanted if img]
+
+
 @dataclass(frozen=True)
 class Mount:
     source: str  # host path (bind) or volume name

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import lifecycle, probes, proxy_config
-from .containers import SYNAPSE_UID, ContainerSpec, layout_of, specs
+from .containers import SYNAPSE_UID, ContainerSpec, image_keys, layout_of, specs
 from .docker_adapter import ContainerEvent, DockerEngine, StaleTask
 from .errors import ConfigError, StartFailed
 from .lifecycle import Observed
@@ -136,7 +136,7 @@ class Supervisor:
         """Write the state directory, make the network and volumes, then converge containers
         (adopt what matches, create what is missing, recreate what changed)."""
         images = {img: self.engine.image_id(img) for img in self._images()}
-        for key, img in self._image_keys():
+        for key, img in image_keys(self.stack):
             if not images.get(img):
                 raise ConfigError(self.stack.stack_file, key, f"image {img} is not in the local "
                                   "Docker engine", "run image/build, or name a built image")
@@ -156,18 +156,8 @@ class Supervisor:
         self._start_event_thread()
         self._converge()
 
-    def _image_keys(self) -> list[tuple[str, str]]:
-        """(stack file key, image) for every image this stack runs."""
-        images, stack = self.stack.images, self.stack
-        wanted = [("images.synapse", images.synapse),
-                  ("images.postgres", images.postgres if stack.postgres.mode == "managed"
-                   else None),
-                  ("images.redis", images.redis if stack.redis.mode == "managed" else None),
-                  ("images.proxy", images.proxy if stack.has_proxy else None)]
-        return [(key, img) for key, img in wanted if img]
-
     def _images(self) -> set[str]:
-        return {img for _, img in self._image_keys()}
+        return {img for _, img in image_keys(self.stack)}
 
     def _converge(self) -> None:
         found = self.engine.list_stack(self.stack.name)

@@ -14,8 +14,8 @@ import time
 import urllib.error
 import urllib.request
 
-from .containers import SYNAPSE_UID, layout_of, specs
-from .errors import SupervisorError
+from .containers import SYNAPSE_UID, image_keys, layout_of, specs
+from .errors import ConfigError, SupervisorError
 from .lifecycle import Tier
 from .loop import Supervisor
 from .prepare import prepare
@@ -119,17 +119,13 @@ def reload(sup: Supervisor) -> dict:
     if new.stack.name != sup.stack.name:
         raise OperationError("invalid_stack", f"{sup.stack.stack_file}: name: a running stack "
                              "cannot be renamed (fix: stop it and start the new name)", 2)
-    images = {img: sup.engine.image_id(img) for img in
-              {new.stack.images.synapse, new.stack.images.postgres, new.stack.images.redis,
-               new.stack.images.proxy}}
-    missing = sorted(img for img, found in images.items() if not found and (
-        img == new.stack.images.synapse
-        or (img == new.stack.images.postgres and new.stack.postgres.mode == "managed")
-        or (img == new.stack.images.redis and new.stack.redis.mode == "managed")
-        or (img == new.stack.images.proxy and new.stack.has_proxy)))
-    if missing:
-        raise OperationError("invalid_stack", f"{new.stack.stack_file}: images: {missing[0]} "
-                             "not found (fix: build it with image/build first)", exit_code=2)
+    wanted = image_keys(new.stack)
+    images = {img: sup.engine.image_id(img) for _, img in wanted}
+    for key, img in wanted:
+        if not images[img]:
+            raise OperationError("invalid_stack", str(ConfigError(
+                new.stack.stack_file, key, f"image {img} is not in the local Docker engine",
+                "run image/build, or name a built image")), exit_code=2)
     images = {k: v or "" for k, v in images.items()}
     new_specs = specs(new, images)
     old_specs = sup.specs
