@@ -63,6 +63,7 @@ class ProbeMsg:
     instance: str
     generation: int
     ok: bool
+    problem: str | None = None  # it answers, but cannot work as configured: no retry helps
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,7 @@ class Supervisor:
         if ip is None:
             return
         if inst == POSTGRES:
-            pg = self.stack.postgres
-            check = lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)  # noqa: E731
+            check = self._postgres_check(ip)
         elif inst == REDIS:
             check = lambda: probes.redis_answers(ip, 6379)  # noqa: E731
         elif inst == PROXY:
@@ -337,12 +337,34 @@ class Supervisor:
         def run() -> None:
             while not self._closed.is_set() and rec.generation == gen and \
                     time.monotonic() < limit:
-                if check():
+                result = check()
+                if isinstance(result, str):
+                    self.queue.put(ProbeMsg(inst, gen, False, result))
+                    return
+                if result:
                     self.queue.put(ProbeMsg(inst, gen, True))
                     return
                 time.sleep(PROBE_INTERVAL)
 
         self.pool.submit(run)
+
+    def _postgres_check(self, ip: str) -> Callable[[], bool | str]:
+        """Managed PostgreSQL is ready when the stack's role logs in with the stack's password.
+        A rejected password is a problem no restart fixes: the image sets the password only
+        when it initialises an empty data volume, so the volume remembers the first one."""
+        pg, password = self.stack.postgres, self.prepared.inputs.postgres_password
+        if not password:
+            return lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)
+        problem = (f"PostgreSQL rejects the password in {self.stack.postgres_password_file}: "
+                   f"volume {self.layout.pg_volume} was initialised with another one (fix: put "
+                   "back the password file it was made with, or set the role's password to "
+                   "this one: docs/recovery.md, Lost secrets)")
+
+        def check() -> bool | str:
+            answer = probes.postgres_login(ip, 5432, pg.user, pg.database, password)
+            return problem if answer == probes.PASSWORD_REJECTED else \
+                answer == probes.LOGGED_IN
+        return check
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -522,7 +544,15 @@ class Supervisor:
 
     def _on_probe(self, msg: ProbeMsg) -> None:
         rec = self.records[msg.instance]
-        if msg.generation != rec.generation or rec.state is not State.STARTING or not msg.ok:
+        if msg.generation != rec.generation or rec.state is not State.STARTING:
+            return
+        if msg.problem:
+            rec.last_exit_reason = msg.problem
+            transition(rec, State.FAILED, time.monotonic(), msg.problem)
+            self.log.error("failed", instance=rec.instance, reason=msg.problem)
+            self._update_phase()
+            return
+        if not msg.ok:
             return
         transition(rec, State.READY, time.monotonic(), "ready")
         rec.extra.pop("start_errors", None)

@@ -1,7 +1,9 @@
 """Readiness probes that ask the real thing, each a short blocking function for a worker thread.
 
 - PostgreSQL: a protocol StartupMessage; an authentication request back means the server
-  accepts connections (a server still starting answers with an error instead).
+  accepts connections (a server still starting answers with an error instead). With the
+  password known (managed PostgreSQL), the probe logs in for real (SCRAM-SHA-256, as the
+  image's pg_hba.conf asks) and tells a rejected password apart from "not ready yet".
 - Redis: PING answered by +PONG (or -NOAUTH, which also proves it serves).
 - Synapse: `/health` answers on the client port (listening) and the process's own metric
   `synapse_replication_tcp_resource_total_connections` is at least 1 (its Redis replication
@@ -10,6 +12,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
 import socket
 import struct
 import urllib.error
@@ -28,6 +34,97 @@ def postgres_accepts(host: str, port: int, user: str, database: str, timeout: fl
     except OSError:
         return False
     return reply == b"R"
+
+
+NOT_READY, LOGGED_IN, PASSWORD_REJECTED = "not ready", "logged in", "password rejected"
+
+
+def _pg_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    head = _recv_exact(sock, 5)
+    length = struct.unpack("!I", head[1:])[0]
+    return head[:1], _recv_exact(sock, length - 4)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _pg_send(sock: socket.socket, kind: bytes, body: bytes) -> None:
+    sock.sendall(kind + struct.pack("!I", len(body) + 4) + body)
+
+
+def _pg_error_code(body: bytes) -> str:
+    for field in body.split(b"\0"):
+        if field[:1] == b"C":
+            return field[1:].decode(errors="replace")
+    return ""
+
+
+def postgres_login(host: str, port: int, user: str, database: str, password: str,
+                   timeout: float = 2.0) -> str:
+    """Log in as `user`: LOGGED_IN, PASSWORD_REJECTED (SQLSTATE 28P01/28000), or NOT_READY
+    (no answer, starting up, or anything else)."""
+    params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
+    body = struct.pack("!I", 196608) + params
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack("!I", len(body) + 4) + body)
+            nonce = base64.b64encode(os.urandom(18)).decode()
+            client_first_bare = f"n=,r={nonce}"
+            salted = auth_message = None
+            while True:
+                kind, msg = _pg_message(sock)
+                if kind == b"E":
+                    code = _pg_error_code(msg)
+                    return PASSWORD_REJECTED if code in ("28P01", "28000") else NOT_READY
+                if kind != b"R":
+                    return NOT_READY
+                step = struct.unpack("!I", msg[:4])[0]
+                if step == 0:  # AuthenticationOk
+                    return LOGGED_IN
+                if step == 3:  # cleartext password
+                    _pg_send(sock, b"p", password.encode() + b"\0")
+                elif step == 5:  # MD5
+                    inner = hashlib.md5(password.encode() + user.encode()).hexdigest()
+                    outer = hashlib.md5(inner.encode() + msg[4:8]).hexdigest()
+                    _pg_send(sock, b"p", b"md5" + outer.encode() + b"\0")
+                elif step == 10:  # SASL: start SCRAM-SHA-256
+                    first = f"n,,{client_first_bare}".encode()
+                    _pg_send(sock, b"p", b"SCRAM-SHA-256\0" + struct.pack("!I", len(first))
+                             + first)
+                elif step == 11:  # SASL continue: the server's first message
+                    server_first = msg[4:].decode()
+                    attrs = dict(item.split("=", 1) for item in server_first.split(","))
+                    if not attrs["r"].startswith(nonce):
+                        return NOT_READY
+                    salted = hashlib.pbkdf2_hmac("sha256", password.encode(),
+                                                 base64.b64decode(attrs["s"]), int(attrs["i"]))
+                    final_bare = f"c=biws,r={attrs['r']}"
+                    auth_message = f"{client_first_bare},{server_first},{final_bare}".encode()
+                    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+                    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message,
+                                         "sha256").digest()
+                    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+                    _pg_send(sock, b"p", f"{final_bare},p={base64.b64encode(proof).decode()}"
+                             .encode())
+                elif step == 12:  # SASL final: the server proves it knows the password too
+                    if salted is None or auth_message is None:
+                        return NOT_READY
+                    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+                    expected = base64.b64encode(hmac.new(server_key, auth_message,
+                                                         "sha256").digest()).decode()
+                    if msg[4:].decode() != f"v={expected}":
+                        return NOT_READY
+                else:
+                    return NOT_READY
+    except (OSError, ValueError, KeyError):
+        return NOT_READY
 
 
 def redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -282,6 +283,38 @@ def test_port_already_taken(key, case_dir, template, running, docker_client):
     assert f"stack.yaml: {key}: {address} is already in use" in line and "fix:" in line, line
     assert not (case_dir / ".state").exists()
     assert docker_changes(before, docker_objects(docker_client), (data["name"],)) == []
+
+
+def test_database_volume_made_with_another_password(case_dir, running, docker_client, images):
+    """The stack directory re-initialised under the same name (or its secret regenerated)
+    next to an existing database volume: PostgreSQL keeps the password the volume was made
+    with. The daemon logs in for real, names the password file and the fix, starts nothing
+    else, stops PostgreSQL again and keeps the volume."""
+    name = yaml.safe_load((case_dir / "stack.yaml").read_text())["name"]
+    volume = f"{name}-pgdata"
+    docker_client.volumes.create(volume, labels={"synapse-supervisor.stack": name})
+    pg = docker_client.containers.run(  # initialise it the way the image does, other password
+        "synapse-supervisor/postgres:15", detach=True, network_mode="none",
+        environment={"POSTGRES_USER": "synapse", "POSTGRES_PASSWORD": "the old password"},
+        volumes={volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
+        labels={"synapse-supervisor.test": "pg-init"})
+    try:
+        deadline = time.monotonic() + 60
+        while b"database system is ready" not in pg.logs() and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        pg.remove(force=True)
+    proc = run_daemon(case_dir / "stack.yaml", timeout=180)
+    line = one_line(proc.stderr)
+    assert proc.returncode == 4, line
+    for needle in ("postgres did not become ready", "PostgreSQL rejects the password in",
+                   "secrets/postgres_password", f"volume {volume}", "fix:"):
+        assert needle in line, (needle, line)
+    found = {c.labels["synapse-supervisor.instance"]: c for c in docker_client.containers.list(
+        all=True, filters={"label": f"synapse-supervisor.stack={name}"})}
+    assert found["postgres"].status == "exited"  # started for the check, stopped again
+    assert found["main"].attrs["State"]["StartedAt"].startswith("0001-")  # never started
+    assert docker_client.volumes.get(volume).name == volume  # kept
 
 
 def test_second_daemon_for_a_running_stack_is_refused(running, docker_client):

@@ -26,6 +26,8 @@ WORKERS = ["sync-1", "event-persister-1"]
 @pytest.fixture
 def make(stack_dir, monkeypatch):
     monkeypatch.setattr(loop_mod.probes, "postgres_accepts", lambda *a, **k: True)
+    monkeypatch.setattr(loop_mod.probes, "postgres_login",
+                        lambda *a, **k: loop_mod.probes.LOGGED_IN)
     monkeypatch.setattr(loop_mod.probes, "redis_answers", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "synapse_ready", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "http_answers", lambda *a, **k: True)
@@ -232,3 +234,21 @@ def test_an_oom_flag_does_not_outlive_its_run(make):
     engine.die("sync-1", 137)
     pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 3)
     assert rec.last_exit_reason == "OOM-killed"
+
+
+def test_a_password_postgres_rejects_fails_the_start_with_the_fix(make, monkeypatch):
+    seen = []
+
+    def login(host, port, user, database, password):
+        seen.append((user, database, password))
+        return loop_mod.probes.PASSWORD_REJECTED
+
+    monkeypatch.setattr(loop_mod.probes, "postgres_login", login)
+    sup, engine = make()
+    with pytest.raises(StartFailed, match="postgres did not become ready \\(PostgreSQL rejects "
+                       "the password in .*postgres_password: volume .*-pgdata was initialised"):
+        sup.start_stack()
+    assert seen and seen[0][2] == sup.prepared.inputs.postgres_password
+    assert len(seen) == 1  # no retry helps: asked once
+    assert sup.records["postgres"].state is State.FAILED
+    assert "main" not in engine.started()
