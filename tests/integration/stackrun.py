@@ -27,6 +27,20 @@ VENV_BIN = Path(sys.executable).parent
 STACK_LABEL = "synapse-supervisor.stack"
 
 
+def processes():
+    """(pid, argv as a list of bytes) of every process of this host that can be read."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[-1] == b"":
+            args.pop()
+        yield int(entry.name), args
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.stackrun import (REPO, STACK_LABEL, Chat, StackRun, daemon_metrics,
-                                        http_json, metric_sum, metric_value, metrics_text)
+                                        http_json, metric_sum, metric_value, metrics_text,
+                                        processes)
 
 WORKERS = {"sync": 1, "event_persister": 1, "federation_sender": 1, "client_reader": 1}
 RESTART = {"initial_delay": 0.5, "max_delay": 4, "max_attempts": 3, "stable_after": 10}
@@ -220,19 +221,13 @@ def kill_leaked_shims(container_ids: set[str]) -> list[int]:
     """containerd shims left behind for containers that are gone (a start that raced dockerd's
     shutdown leaves one): ours only, by the container id on their command line."""
     killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in processes():
         if args and args[0].endswith(b"containerd-shim-runc-v2") and b"-id" in args:
             cid = args[args.index(b"-id") + 1].decode()
             if cid in container_ids:
                 try:
-                    os.kill(int(entry.name), signal.SIGTERM)
-                    killed.append(int(entry.name))
+                    os.kill(pid, signal.SIGTERM)
+                    killed.append(pid)
                 except OSError:
                     pass
     return killed
@@ -386,20 +381,17 @@ def other_activity(run: StackRun) -> str | None:
                 "synapse-supervisor.test" in c.labels:
             return f"container {c.name} of another test is running"
     mine = ancestors() | ({run.proc.pid} if run.proc else set())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
+    for pid, args in processes():
+        if pid in mine:
             continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+        cmd = b" ".join(args).decode(errors="replace")
         if ("synapse-supervisor --stack" in cmd or "supervisor.daemon" in cmd) and \
                 str(run.stack_file) not in cmd:
-            return f"another synapse-supervisor runs (pid {entry.name})"
+            return f"another synapse-supervisor runs (pid {pid})"
         if "docker build" in cmd or "debootstrap" in cmd or "image/build" in cmd:
-            return f"an image build runs (pid {entry.name})"
+            return f"an image build runs (pid {pid})"
         if "pytest" in cmd or "/bench/" in cmd or "bench/run" in cmd or "compose" in cmd:
-            return f"another test or benchmark runs (pid {entry.name}: {cmd[:80]})"
+            return f"another test or benchmark runs (pid {pid}: {cmd[:80]})"
     return None
 
 

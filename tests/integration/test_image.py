@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import docker
 import pytest
 
 from .conftest import (

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.stackrun import StackRun, docker_changes, docker_objects
+from tests.integration.stackrun import StackRun, docker_changes, docker_objects, processes
 
 SYNAPSE_UID = 991
 POSTGRES_UID = 999
@@ -115,13 +115,7 @@ def test_only_what_the_stack_file_publishes_and_only_on_loopback(secured):
 def test_docker_proxy_listens_on_loopback_only(secured):
     ips = {secured.ip(i) for i in secured.containers()}
     proxies = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for _, args in processes():
         if not args or not args[0].endswith(b"docker-proxy"):
             continue
         opts = dict(zip([a.decode() for a in args[1::2]], [a.decode() for a in args[2::2]]))
