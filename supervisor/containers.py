@@ -150,6 +150,7 @@ def synapse_spec(prepared: Prepared, instance: Instance, image_id: str = "") -> 
     }
     mounts = [Mount(str(layout.conf_dir), "/conf", read_only=True),
               Mount(str(layout.notify_dir(instance.name)), NOTIFY_DIR)]
+    mounts += [Mount(str(m.source), m.target, read_only=True) for m in stack.mounts]
     media = instance.is_main or catalogue.WORKER_TYPES[instance.type].media
     if media:
         mounts.append(Mount(layout.media_volume, "/synapse_media", kind="volume"))
@@ -168,8 +169,8 @@ def synapse_spec(prepared: Prepared, instance: Instance, image_id: str = "") -> 
     rendered = prepared.rendered
     files = ["shared.yaml", f"{instance.name}.yaml", f"log/{instance.name}.yaml",
              "secrets/signing.key", "secrets/replication_secret"]
-    return _finish(spec, stack, [image_id] + [json.dumps(rendered.files[f], sort_keys=True)
-                                              for f in files])
+    return _finish(spec, stack, [image_id, prepared.inputs.mounts_digest] +
+                   [json.dumps(rendered.files[f], sort_keys=True) for f in files])
 
 
 def postgres_spec(prepared: Prepared, image_id: str = "") -> ContainerSpec:

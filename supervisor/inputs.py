@@ -1,4 +1,5 @@
-"""Read the files a stack points to: the operator's homeserver.yaml, the signing key, secrets.
+"""Read the files a stack points to: the operator's homeserver.yaml, the signing key, secrets,
+and the host files of its `mounts`.
 
 Each problem is a ConfigError naming the file and the fix. Nothing here writes anything.
 """
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .mounts import check_sources
 from .stack import Stack
 from .stackfile import read_yaml
 
@@ -23,6 +25,7 @@ class Inputs:
     replication_secret: str
     postgres_password: str | None
     redis_password: str | None
+    mounts_digest: str = ""  # the contents of the stack's `mounts`
 
 
 def read_secret(path: Path, what: str, fix: str) -> str:
@@ -65,4 +68,5 @@ def read_inputs(stack: Stack) -> Inputs:
     if stack.redis.password_file is not None:
         redis_password = read_secret(stack.redis.password_file, "Redis password", init_fix)
     return Inputs(homeserver=homeserver, signing_key=key, replication_secret=replication,
-                  postgres_password=pg_password, redis_password=redis_password)
+                  postgres_password=pg_password, redis_password=redis_password,
+                  mounts_digest=check_sources(stack))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import catalogue
 from .errors import ConfigError
 from .inputs import Inputs
+from .mounts import outside_mounts
 from .stack import Stack
 from .synapse_config import Rendered
 
@@ -135,4 +136,8 @@ def lint(stack: Stack, inputs: Inputs, rendered: Rendered) -> list[str]:
     if stack.publish.synapse_metrics:
         warnings.append(f"{stack.stack_file}: publish.synapse_metrics: Synapse metrics are "
                         "published on the host; keep them on 127.0.0.1")
+    for key, value in outside_mounts(stack, rendered.files["shared.yaml"]):
+        warnings.append(f"{stack.homeserver_file}: {key}: {value} is in none of the stack's "
+                        "mounts, so Synapse looks for it inside its image (fix: add a mounts: "
+                        "entry that shows it, unless your own image has it)")
     return warnings

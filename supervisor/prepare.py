@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lifecycle, lint, stackfile, synapse_config
+from . import lifecycle, lint, mounts, stackfile, synapse_config
 from .inputs import Inputs, read_inputs
 from .stack import Stack
 
@@ -29,6 +29,7 @@ def prepare(stack_file: str | Path,
     stack = stackfile.load(stack_file)
     inputs = read_inputs(stack)
     rendered = synapse_config.render(stack, inputs, paths)
+    mounts.check_settings(stack, rendered.files["shared.yaml"])
     warnings = lint.lint(stack, inputs, rendered)
     return Prepared(stack=stack, inputs=inputs, rendered=rendered,
                     plan=lifecycle.plan(stack), warnings=tuple(warnings))

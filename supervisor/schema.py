@@ -154,6 +154,21 @@ SCHEMA: dict[str, Any] = {
                 "metrics_address": {"type": ["string", "null"], "pattern": ADDRESS},
             },
         },
+        "mounts": {
+            "type": "array",
+            "description": "Host files or directories mounted read-only into every Synapse "
+                           "process, for the files homeserver.yaml names.",
+            "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["source", "target"],
+                "properties": {
+                    "source": {"type": "string", "minLength": 1,
+                               "description": "Host path, relative to the stack file."},
+                    "target": {"type": "string", "pattern": r"^/",
+                               "description": "Absolute path inside the containers."},
+                },
+            },
+        },
         "main": {"type": "object", "additionalProperties": False, "properties": PROCESS},
         "workers": {
             "type": "object", "additionalProperties": False,

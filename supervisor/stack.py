@@ -111,6 +111,15 @@ class Images:
 
 
 @dataclass(frozen=True)
+class FileMount:
+    """A host file or directory shown read-only to every Synapse process (for the files
+    homeserver.yaml names: application service registrations, secrets kept in files...)."""
+
+    source: Path  # on the host, absolute
+    target: str  # inside the containers, absolute
+
+
+@dataclass(frozen=True)
 class Stack:
     name: str
     server_name: str
@@ -128,6 +137,7 @@ class Stack:
     daemon: DaemonSettings
     main: Instance
     workers: tuple[Instance, ...]
+    mounts: tuple[FileMount, ...] = ()
 
     @property
     def instances(self) -> tuple[Instance, ...]:

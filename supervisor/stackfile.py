@@ -7,6 +7,7 @@ secrets) are read by `inputs`. Nothing is written and nothing touches Docker.
 from __future__ import annotations
 
 import difflib
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,16 @@ import yaml
 
 from . import catalogue, schema
 from .errors import ConfigError
-from .stack import (MAIN, POSTGRES, PROXY, REDIS, DaemonSettings, Images, Instance, Postgres, Proxy, Publish, Redis,
-                    Resources, RestartPolicy, Stack)
+from .stack import (MAIN, POSTGRES, PROXY, REDIS, DaemonSettings, FileMount, Images, Instance,
+                    Postgres, Proxy, Publish, Redis, Resources, RestartPolicy, Stack)
 
 DEFAULT_STACK_FILE = "stack.yaml"
 RESERVED = (MAIN, POSTGRES, REDIS, PROXY)
+# Container paths a mount may not cover or replace: ours (config, media, notify socket, /tmp)
+# and the image's system directories.
+MOUNT_FORBIDDEN_UNDER = ("/conf", "/synapse_media", "/run/synapse-notify", "/tmp", "/proc",
+                         "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt/synapse")
+MOUNT_FORBIDDEN_EXACT = ("/", "/etc", "/run", "/var", "/opt", "/home", "/root")
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -110,6 +116,25 @@ def _workers(path: Path, workers: dict, log_level: str) -> tuple[Instance, ...]:
     return tuple(instances)
 
 
+def _mounts(path: Path, items: list[dict], base: Path) -> tuple[FileMount, ...]:
+    mounts: list[FileMount] = []
+    for n, item in enumerate(items):
+        target = posixpath.normpath(item["target"])
+        where = f"mounts[{n}].target"
+        if target in MOUNT_FORBIDDEN_EXACT or any(
+                target == p or target.startswith(p + "/") or p.startswith(target + "/")
+                for p in MOUNT_FORBIDDEN_UNDER):
+            raise ConfigError(path, where, f"{target} would hide or replace a path the "
+                              "containers need", "mount under a directory of your own, e.g. "
+                              "/etc/synapse-extra or /data")
+        for other in mounts:
+            if other.target == target:
+                raise ConfigError(path, where, f"{target} is already the target of another "
+                                  "mount", "give each mount its own target")
+        mounts.append(FileMount(source=(base / item["source"]).absolute(), target=target))
+    return tuple(mounts)
+
+
 def _build(path: Path, data: dict) -> Stack:
     base = path.parent
 
@@ -182,4 +207,5 @@ def _build(path: Path, data: dict) -> Stack:
         ),
         main=main,
         workers=workers,
+        mounts=_mounts(path, data.get("mounts", []), base),
     )

@@ -10,6 +10,7 @@ container and network without our labels sit beside it and must never be touched
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import urllib.request
 import uuid
 
 import pytest
+import yaml
 
 from tests.integration.stackrun import StackRun, http_json, metric_sum, metrics_text
 
@@ -46,11 +48,34 @@ def decoy(docker_client, images, unique_name):
     assert after == before and running == "running", "the decoy was touched"
 
 
+AS_TOKEN = f"as-{uuid.uuid4().hex}"
+REGISTRATION = "/etc/synapse-extra/appservices/bridge.yaml"
+
+
+def add_appservice(stack: StackRun) -> None:
+    """An application service registration on the host, shown to Synapse by `mounts`."""
+    d = stack.dir / "appservices"
+    d.mkdir()
+    reg = d / "bridge.yaml"
+    reg.write_text(yaml.safe_dump({
+        "id": "bridge", "url": None, "as_token": AS_TOKEN, "hs_token": uuid.uuid4().hex,
+        "sender_localpart": "bridge", "namespaces": {"users": [], "aliases": [], "rooms": []}}))
+    os.chown(reg, 991, 991)
+    reg.chmod(0o600)
+    for name, change in (("stack.yaml", lambda d: d.update(mounts=[
+            {"source": "appservices", "target": "/etc/synapse-extra/appservices"}])),
+            ("homeserver.yaml", lambda d: d.update(app_service_config_files=[REGISTRATION]))):
+        data = yaml.safe_load((stack.dir / name).read_text())
+        change(data)
+        (stack.dir / name).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def run(docker_client, images, tmp_path_factory, decoy):
     name = f"sst{uuid.uuid4().hex[:6]}"
     stack = StackRun(tmp_path_factory.mktemp("daemon") / "stack", name, dict(WORKERS),
                      docker_client)
+    add_appservice(stack)
     stack.start_daemon()
     try:
         stack.wait_ready()
@@ -84,6 +109,27 @@ def test_every_container_ready_means_listening_and_replicating(run):
     for inst in {"main"} | WORKER_NAMES:
         text = metrics_text(run.ip(inst))
         assert metric_sum(text, "synapse_replication_tcp_resource_total_connections") >= 1, inst
+
+
+def test_a_mounted_appservice_registration_is_read_by_main_and_the_workers(run):
+    # main (whoami is not routed to a worker in this stack) knows the application service...
+    code, who = http_json("GET", f"{run.client_url}/_matrix/client/v3/account/whoami",
+                          token=AS_TOKEN)
+    assert code == 200 and who["user_id"] == f"@bridge:{run.name}.test", (code, who)
+    # ...and so does the sync worker, asked on its own address: it read the same file
+    code, sync = http_json("GET", f"http://{run.ip('sync-1')}:8008/_matrix/client/v3/sync"
+                           "?timeout=0", token=AS_TOKEN)
+    assert code == 200, (code, sync)
+    code, _ = http_json("GET", f"{run.client_url}/_matrix/client/v3/account/whoami",
+                        token="as-not-registered")
+    assert code == 401
+    for inst, c in run.containers().items():
+        found = [m for m in c.attrs["Mounts"] if m["Destination"] ==
+                 "/etc/synapse-extra/appservices"]
+        if inst in {"main"} | WORKER_NAMES:
+            assert len(found) == 1 and found[0]["RW"] is False, (inst, found)
+        else:
+            assert found == [], inst
 
 
 def test_message_sent_through_the_stack_arrives_on_the_sync_worker(run, tmp_path):
