@@ -169,7 +169,8 @@ def synapse_spec(prepared: Prepared, instance: Instance, image_id: str = "") -> 
     rendered = prepared.rendered
     files = ["shared.yaml", f"{instance.name}.yaml", f"log/{instance.name}.yaml",
              "secrets/signing.key", "secrets/replication_secret"]
-    return _finish(spec, stack, [image_id, prepared.inputs.mounts_digest] +
+    digest = [prepared.inputs.mounts_digest] if stack.mounts else []  # no mounts: same hash
+    return _finish(spec, stack, [image_id] + digest +  # as before mounts existed
                    [json.dumps(rendered.files[f], sort_keys=True) for f in files])
 
 

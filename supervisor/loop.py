@@ -280,6 +280,7 @@ class Supervisor:
         rec.extra.pop("oom", None)  # an OOM flag belongs to the run that died
         rec.ip = None
         rec.extra["start_wall_ns"] = time.time_ns()  # older die events belong to older runs
+        rec.extra["start_in_flight"] = True
         gen = rec.generation
         self.log.info("starting", instance=rec.instance, reason=reason,
                       container=(rec.container_id or "")[:12])
@@ -291,10 +292,14 @@ class Supervisor:
                 if cid is None or self.engine.inspect(cid) is None:
                     cid = self.engine.create(spec)
                     self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
+                if self.stop_requested:
+                    return  # the stack stops: leave it created, not running
                 try:
                     self.engine.start(cid)
                 except StaleTask as err:
                     cid = self._replace_container(rec, spec, cid, str(err))
+                    if self.stop_requested:
+                        return
                     self.engine.start(cid)
                 info = self.engine.inspect(cid)
                 self.queue.put(StartedMsg(rec.instance, gen, info.ip if info else None, None))
@@ -513,6 +518,7 @@ class Supervisor:
         rec = self.records[msg.instance]
         if msg.generation != rec.generation or rec.state is not State.STARTING:
             return
+        rec.extra.pop("start_in_flight", None)
         if msg.error and msg.docker_down:
             # dockerd is away (restarting?): try again without counting it against the container
             self.log.warning("docker_unreachable", instance=rec.instance, error=msg.error[:200])
@@ -575,6 +581,8 @@ class Supervisor:
             self.log.warning("relist_failed", error=str(err)[:200])
             return
         for rec in self.records.values():
+            if rec.state is State.STARTING and rec.extra.get("start_in_flight"):
+                continue  # its start call (maybe creating or replacing it) has not returned
             info = found.get(rec.container_id or "")
             if rec.state in (State.READY, State.STARTING) and (info is None or
                                                               info.status == "exited"):

@@ -83,9 +83,11 @@ def _readable(st: os.stat_result, need: int) -> bool:
 
 
 def _walk(root: Path) -> Iterator[Path]:
+    """The source and everything below it; a symlinked source is followed (Docker's bind
+    mount follows it too), links below it are not."""
     yield root
-    if root.is_dir() and not root.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(root):
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root.resolve()):
             dirnames.sort()
             for name in sorted(dirnames) + sorted(filenames):
                 yield Path(dirpath) / name
@@ -101,17 +103,23 @@ def check_sources(stack: Stack) -> str:
             raise ConfigError(stack.stack_file, key, f"{m.source} does not exist",
                               "create it, or correct the path (relative to the stack file)")
         entries = 0
+        real = m.source.resolve()
         for entry in _walk(m.source):
             entries += 1
             if entries > MAX_ENTRIES:
                 raise ConfigError(stack.stack_file, key, f"{m.source} holds more than "
                                   f"{MAX_ENTRIES} entries", "mount only the config files "
                                   "Synapse needs, not data")
-            if entry.is_symlink() and not entry.resolve().is_relative_to(m.source.resolve()):
+            if entry != m.source and entry.is_symlink() and \
+                    not entry.resolve().is_relative_to(real):
                 raise ConfigError(stack.stack_file, key, f"{entry} links to {entry.resolve()}, "
                                   "outside the mount (the containers would not see it)",
                                   "copy the file into the mounted directory instead")
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except OSError as err:
+                raise ConfigError(stack.stack_file, key, f"{entry}: {err.strerror}",
+                                  "remove the broken link or fix its target") from None
             is_dir = stat.S_ISDIR(st.st_mode)
             if not _readable(st, 5 if is_dir else 4):
                 what = "directory" if is_dir else "file"
@@ -119,7 +127,7 @@ def check_sources(stack: Stack) -> str:
                                   f"uid {SYNAPSE_ID} (Synapse's user in the containers)",
                                   f"chown {SYNAPSE_ID}:{SYNAPSE_ID} {entry}, or chmod "
                                   f"{'o+rx' if is_dir else 'o+r'} it")
-            rel = str(entry.relative_to(m.source))
+            rel = "." if entry == m.source else str(entry.relative_to(real))
             digest.update(f"{n}\0{m.target}\0{rel}\0".encode())
             if not is_dir:
                 with open(entry, "rb") as f:

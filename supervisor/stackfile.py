@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import posixpath
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ RESERVED = (MAIN, POSTGRES, REDIS, PROXY)
 # Container paths a mount may not cover or replace: ours (config, media, notify socket, /tmp)
 # and the image's system directories.
 MOUNT_FORBIDDEN_UNDER = ("/conf", "/synapse_media", "/run/synapse-notify", "/tmp", "/proc",
-                         "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt/synapse")
+                         "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt/synapse",
+                         "/etc/ssl", "/etc/ca-certificates", "/etc/hosts", "/etc/hostname",
+                         "/etc/resolv.conf", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
 MOUNT_FORBIDDEN_EXACT = ("/", "/etc", "/run", "/var", "/opt", "/home", "/root")
 
 
@@ -119,7 +122,8 @@ def _workers(path: Path, workers: dict, log_level: str) -> tuple[Instance, ...]:
 def _mounts(path: Path, items: list[dict], base: Path) -> tuple[FileMount, ...]:
     mounts: list[FileMount] = []
     for n, item in enumerate(items):
-        target = posixpath.normpath(item["target"])
+        # normpath keeps a leading "//"; Docker would not: collapse repeated slashes first
+        target = posixpath.normpath(re.sub("/+", "/", item["target"]))
         where = f"mounts[{n}].target"
         if target in MOUNT_FORBIDDEN_EXACT or any(
                 target == p or target.startswith(p + "/") or p.startswith(target + "/")
@@ -131,6 +135,11 @@ def _mounts(path: Path, items: list[dict], base: Path) -> tuple[FileMount, ...]:
             if other.target == target:
                 raise ConfigError(path, where, f"{target} is already the target of another "
                                   "mount", "give each mount its own target")
+            inner, outer = sorted((target, other.target), key=len, reverse=True)
+            if inner.startswith(outer.rstrip("/") + "/"):
+                raise ConfigError(path, where, f"{inner} is inside the target {outer} of another "
+                                  "mount (a read-only mount cannot hold another)",
+                                  "mount the outer directory only, with the files inside it")
         mounts.append(FileMount(source=(base / item["source"]).absolute(), target=target))
     return tuple(mounts)
 

@@ -202,11 +202,18 @@ def test_container_whose_task_outlived_dockerd_is_replaced(make):
     sup, engine = make({"main": ["ok", "stale", "ok"]})
     sup.start_stack()
     old = sup.records["main"].container_id
+    real_create = engine.create
+
+    def slow_create(spec):  # the old container's destroy event arrives before the new ID
+        if spec.instance == "main":
+            time.sleep(0.3)
+        return real_create(spec)
+
+    engine.create = slow_create
+    sup._last_relist = 0.0  # and a periodic relist runs meanwhile
     engine.die("main", 143)
     pump_until(sup, lambda: sup.records["main"].state is State.READY
                and sup.records["main"].container_id != old)
-    for _ in range(5):
-        sup._pump(0.02)  # let the destroy event of the old container arrive
     rec = sup.records["main"]
     assert rec.state is State.READY and rec.restarts == 1 and rec.attempts == 1
     assert ("remove", old) in engine.calls
@@ -252,3 +259,20 @@ def test_a_password_postgres_rejects_fails_the_start_with_the_fix(make, monkeypa
     assert len(seen) == 1  # no retry helps: asked once
     assert sup.records["postgres"].state is State.FAILED
     assert "main" not in engine.started()
+
+
+def test_an_oom_flag_docker_confirmed_is_not_carried_into_the_next_run(make):
+    sup, engine = make()
+    sup.start_stack()
+    rec = sup.records["sync-1"]
+    sup.queue.put(loop_mod.DockerMsg(loop_mod.ContainerEvent(
+        "oom", rec.container_id, "sync-1", None, time.time_ns())))
+    sup._pump(0.05)
+    engine.die("sync-1", 137, oom=True)  # Docker says OOMKilled: the event's flag is not read
+    pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 1)
+    assert rec.last_exit_reason == "OOM-killed"
+    engine.containers[rec.container_id] = replace(engine.containers[rec.container_id],
+                                                  oom_killed=False)
+    engine.die("sync-1", 137)  # a plain SIGKILL of the new run
+    pump_until(sup, lambda: rec.state is State.READY and rec.restarts == 2)
+    assert rec.last_exit_reason == "signal 9 (SIGKILL)"

@@ -65,7 +65,9 @@ def test_a_changed_mounted_file_changes_only_the_synapse_config_hashes(stack_dir
 
 @pytest.mark.parametrize("target", ["/conf", "/conf/extra", "/synapse_media", "/", "/etc", "/usr",
                                     "/usr/local/lib", "/opt/synapse", "/tmp/x", "/run",
-                                    "/run/synapse-notify", "/opt/../usr"])
+                                    "/run/synapse-notify", "/opt/../usr", "//conf", "//etc",
+                                    "///usr/lib", "//", "/etc/hosts", "/etc/resolv.conf",
+                                    "/etc/passwd", "/etc/ssl/certs"])
 def test_a_target_that_would_hide_what_the_containers_need_is_refused(stack_dir, target):
     appservice_dir(stack_dir)
     with_mounts(stack_dir, [{"source": "appservices", "target": target}])
@@ -80,6 +82,12 @@ def test_a_target_that_would_hide_what_the_containers_need_is_refused(stack_dir,
       {"source": "appservices", "target": "/data/x/"}], r"mounts\[1\].target",
      "already the target of another mount"),
     ([{"source": "appservices", "target": "data/x"}], r"mounts\[0\].target", "does not match"),
+    ([{"source": "appservices", "target": "/data"},
+      {"source": "appservices", "target": "/data/x"}], r"mounts\[1\].target",
+     "/data/x is inside the target /data of another mount"),
+    ([{"source": "appservices", "target": "/data/x"},
+      {"source": "appservices", "target": "/data"}], r"mounts\[1\].target",
+     "/data/x is inside the target /data of another mount"),
     ([{"source": "appservices"}], r"mounts\[0\].target", "is required"),
     ([{"source": "appservices", "target": "/data/x", "mode": "rw"}], r"mounts\[0\].mode",
      "unknown key"),
@@ -144,3 +152,43 @@ def test_file_settings_finds_nested_and_listed_paths():
         ("app_service_config_files[0]", "/a.yaml"),
         ("oidc_providers[0].client_secret_path", "/s/secret"),
         ("macaroon_secret_key_path", "/m")]
+
+
+def test_a_symlinked_source_is_followed_and_checked(stack_dir, tmp_path):
+    real = appservice_dir(stack_dir, mode=0o600, uid=0)  # root's file: 991 cannot read it
+    (stack_dir / "linked").symlink_to(real)
+    with_mounts(stack_dir, [{"source": "linked", "target": "/data/as"}])
+    with pytest.raises(ConfigError, match=r"bridge.yaml: file not readable by uid 991"):
+        prepare(stack_dir / "stack.yaml")
+    os.chown(real / "bridge.yaml", 991, 991)
+    first = prepare(stack_dir / "stack.yaml").inputs.mounts_digest
+    (real / "bridge.yaml").write_text("id: changed\n")
+    assert prepare(stack_dir / "stack.yaml").inputs.mounts_digest != first
+
+
+def test_a_broken_link_in_a_mount_is_a_clear_error(stack_dir, tmp_path):
+    d = appservice_dir(stack_dir)
+    (d / "gone.yaml").symlink_to(d / "never-there.yaml")
+    with_mounts(stack_dir, [{"source": "appservices", "target": "/data/as"}])
+    with pytest.raises(ConfigError, match=r"mounts\[0\].source: .*gone.yaml: No such file.*fix: "
+                                          r"remove the broken link"):
+        prepare(stack_dir / "stack.yaml")
+
+
+def test_no_mounts_leaves_the_config_hashes_as_they_were(stack_dir):
+    # a stack without mounts must not see its containers recreated by an upgrade
+    before = {i: s.config_hash for i, s in specs(prepare(stack_dir / "stack.yaml")).items()}
+    with_mounts(stack_dir, [])
+    after = {i: s.config_hash for i, s in specs(prepare(stack_dir / "stack.yaml")).items()}
+    assert after == before
+    from supervisor import containers
+    main = specs(prepare(stack_dir / "stack.yaml"))["main"]
+    prepared = prepare(stack_dir / "stack.yaml")
+    files = ["shared.yaml", "main.yaml", "log/main.yaml", "secrets/signing.key",
+             "secrets/replication_secret"]
+    import dataclasses
+    import json
+    fields = dataclasses.asdict(main)
+    fields.pop("labels")
+    assert main.config_hash == containers._hash(fields, [""] + [
+        json.dumps(prepared.rendered.files[f], sort_keys=True) for f in files])
