@@ -360,15 +360,19 @@ class Supervisor:
         pg, password = self.stack.postgres, self.prepared.inputs.postgres_password
         if not password:
             return lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)
-        problem = (f"PostgreSQL rejects the password in {self.stack.postgres_password_file}: "
-                   f"volume {self.layout.pg_volume} was initialised with another one (fix: put "
-                   "back the password file it was made with, or set the role's password to "
-                   "this one: docs/recovery.md, Lost secrets)")
+        volume = self.layout.pg_volume
 
         def check() -> bool | str:
-            answer = probes.postgres_login(ip, 5432, pg.user, pg.database, password)
-            return problem if answer == probes.PASSWORD_REJECTED else \
-                answer == probes.LOGGED_IN
+            answer, text = probes.postgres_login(ip, 5432, pg.user, pg.database, password)
+            if answer == probes.PASSWORD_REJECTED:
+                return (f"PostgreSQL rejects the password in {self.stack.postgres_password_file}"
+                        f": volume {volume} was initialised with another one (fix: put back "
+                        "the password file it was made with, or set the role's password to "
+                        "this one: docs/recovery.md, Lost secrets)")
+            if answer == probes.REFUSED:
+                return (f"PostgreSQL refuses {pg.user}@{pg.database}: {text} (fix: see "
+                        f"docker logs {self.layout.container(POSTGRES)} and docs/recovery.md)")
+            return answer == probes.LOGGED_IN
         return check
 
     # --- the loop ------------------------------------------------------------------------
@@ -479,7 +483,8 @@ class Supervisor:
         oom = bool(info and info.oom_killed) or rec.extra.pop("oom", False)
         code = info.exit_code if info else exit_code
         if not oom and code == 137 and rec.container_id:
-            oom = kernel_oom_killed(rec.container_id)  # Docker misses some on cgroup v1
+            # Docker misses some on cgroup v1; only a kill during this run counts
+            oom = kernel_oom_killed(rec.container_id, since=rec.started_at)
         rec.last_exit_code = code
         rec.last_exit_reason = "ready timeout" if rec.extra.pop("timed_out", False) else \
             exit_reason(code, oom)

@@ -36,7 +36,10 @@ def postgres_accepts(host: str, port: int, user: str, database: str, timeout: fl
     return reply == b"R"
 
 
-NOT_READY, LOGGED_IN, PASSWORD_REJECTED = "not ready", "logged in", "password rejected"
+NOT_READY, LOGGED_IN, PASSWORD_REJECTED, REFUSED = (
+    "not ready", "logged in", "password rejected", "refused")
+# After a successful authentication: errors that no restart of PostgreSQL will fix.
+LASTING_SQLSTATES = ("3D000", "28000", "42501")  # no such database, role may not log in, ...
 
 
 def _pg_message(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -59,17 +62,21 @@ def _pg_send(sock: socket.socket, kind: bytes, body: bytes) -> None:
     sock.sendall(kind + struct.pack("!I", len(body) + 4) + body)
 
 
-def _pg_error_code(body: bytes) -> str:
-    for field in body.split(b"\0"):
-        if field[:1] == b"C":
-            return field[1:].decode(errors="replace")
-    return ""
+def _pg_error(body: bytes) -> tuple[str, str]:
+    """(SQLSTATE, message) of an ErrorResponse."""
+    fields = {f[:1]: f[1:].decode(errors="replace") for f in body.split(b"\0") if f}
+    return fields.get(b"C", ""), fields.get(b"M", "")
 
 
 def postgres_login(host: str, port: int, user: str, database: str, password: str,
-                   timeout: float = 2.0) -> str:
-    """Log in as `user`: LOGGED_IN, PASSWORD_REJECTED (SQLSTATE 28P01/28000), or NOT_READY
-    (no answer, starting up, or anything else)."""
+                   timeout: float = 2.0) -> tuple[str, str]:
+    """Log in as `user` to `database` and wait for the session to be ready for queries.
+    (LOGGED_IN, ""), (PASSWORD_REJECTED, message) for SQLSTATE 28P01, (REFUSED, message) for a
+    lasting refusal after authentication (no such database, role may not log in), or
+    (NOT_READY, "") for no answer, a server starting up, or anything else."""
+    if not password.isascii():  # SCRAM wants SASLprep of such passwords: only ask "accepting?"
+        ok = postgres_accepts(host, port, user, database, timeout)
+        return (LOGGED_IN if ok else NOT_READY), ""
     params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
     body = struct.pack("!I", 196608) + params
     try:
@@ -78,17 +85,25 @@ def postgres_login(host: str, port: int, user: str, database: str, password: str
             nonce = base64.b64encode(os.urandom(18)).decode()
             client_first_bare = f"n=,r={nonce}"
             salted = auth_message = None
+            authenticated = False
             while True:
                 kind, msg = _pg_message(sock)
                 if kind == b"E":
-                    code = _pg_error_code(msg)
-                    return PASSWORD_REJECTED if code in ("28P01", "28000") else NOT_READY
+                    code, text = _pg_error(msg)
+                    if code == "28P01":
+                        return PASSWORD_REJECTED, text
+                    if authenticated and code in LASTING_SQLSTATES:
+                        return REFUSED, text
+                    return NOT_READY, ""
+                if kind == b"Z":  # ReadyForQuery: the session is usable
+                    _pg_send(sock, b"X", b"")  # Terminate, so the server logs no reset
+                    return LOGGED_IN, ""
                 if kind != b"R":
-                    return NOT_READY
+                    continue  # ParameterStatus, BackendKeyData, NoticeResponse
                 step = struct.unpack("!I", msg[:4])[0]
-                if step == 0:  # AuthenticationOk
-                    return LOGGED_IN
-                if step == 3:  # cleartext password
+                if step == 0:  # AuthenticationOk; the session starts next
+                    authenticated = True
+                elif step == 3:  # cleartext password
                     _pg_send(sock, b"p", password.encode() + b"\0")
                 elif step == 5:  # MD5
                     inner = hashlib.md5(password.encode() + user.encode()).hexdigest()
@@ -102,7 +117,7 @@ def postgres_login(host: str, port: int, user: str, database: str, password: str
                     server_first = msg[4:].decode()
                     attrs = dict(item.split("=", 1) for item in server_first.split(","))
                     if not attrs["r"].startswith(nonce):
-                        return NOT_READY
+                        return NOT_READY, ""
                     salted = hashlib.pbkdf2_hmac("sha256", password.encode(),
                                                  base64.b64decode(attrs["s"]), int(attrs["i"]))
                     final_bare = f"c=biws,r={attrs['r']}"
@@ -115,16 +130,16 @@ def postgres_login(host: str, port: int, user: str, database: str, password: str
                              .encode())
                 elif step == 12:  # SASL final: the server proves it knows the password too
                     if salted is None or auth_message is None:
-                        return NOT_READY
+                        return NOT_READY, ""
                     server_key = hmac.new(salted, b"Server Key", "sha256").digest()
                     expected = base64.b64encode(hmac.new(server_key, auth_message,
                                                          "sha256").digest()).decode()
                     if msg[4:].decode() != f"v={expected}":
-                        return NOT_READY
+                        return NOT_READY, ""
                 else:
-                    return NOT_READY
+                    return NOT_READY, ""
     except (OSError, ValueError, KeyError):
-        return NOT_READY
+        return NOT_READY, ""
 
 
 def redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:

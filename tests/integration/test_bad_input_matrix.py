@@ -300,8 +300,11 @@ def test_database_volume_made_with_another_password(case_dir, running, docker_cl
         labels={"synapse-supervisor.test": "pg-init"})
     try:
         deadline = time.monotonic() + 60
-        while b"database system is ready" not in pg.logs() and time.monotonic() < deadline:
+        # the entrypoint says so once initdb, the role and the database are done
+        while b"postgres-entrypoint: initialised" not in pg.logs() and \
+                time.monotonic() < deadline:
             time.sleep(0.3)
+        assert b"postgres-entrypoint: initialised" in pg.logs(), pg.logs()[-2000:]
     finally:
         pg.remove(force=True)
     proc = run_daemon(case_dir / "stack.yaml", timeout=180)

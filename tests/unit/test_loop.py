@@ -27,7 +27,7 @@ WORKERS = ["sync-1", "event-persister-1"]
 def make(stack_dir, monkeypatch):
     monkeypatch.setattr(loop_mod.probes, "postgres_accepts", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "postgres_login",
-                        lambda *a, **k: loop_mod.probes.LOGGED_IN)
+                        lambda *a, **k: (loop_mod.probes.LOGGED_IN, ""))
     monkeypatch.setattr(loop_mod.probes, "redis_answers", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "synapse_ready", lambda *a, **k: True)
     monkeypatch.setattr(loop_mod.probes, "http_answers", lambda *a, **k: True)
@@ -248,7 +248,7 @@ def test_a_password_postgres_rejects_fails_the_start_with_the_fix(make, monkeypa
 
     def login(host, port, user, database, password):
         seen.append((user, database, password))
-        return loop_mod.probes.PASSWORD_REJECTED
+        return loop_mod.probes.PASSWORD_REJECTED, "password authentication failed"
 
     monkeypatch.setattr(loop_mod.probes, "postgres_login", login)
     sup, engine = make()
