@@ -63,7 +63,8 @@ class ProbeMsg:
     instance: str
     generation: int
     ok: bool
-    problem: str | None = None  # it answers, but cannot work as configured: no retry helps
+    problem: tuple[str, str] | None = None  # (short reason, the whole story): it answers, but
+    # cannot work as configured, and no retry helps
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,8 @@ class Supervisor:
                 bad = [r for r in recs if r.state in (State.BACKOFF, State.FAILED)]
                 if bad or time.monotonic() > deadline:
                     rec = bad[0] if bad else next(r for r in recs if r.state is not State.READY)
-                    why = rec.last_exit_reason if bad else "not ready in time"
+                    why = (rec.extra.get("problem") or rec.last_exit_reason) if bad \
+                        else "not ready in time"
                     lines = self.engine.last_lines(rec.container_id) if rec.container_id else []
                     for line in lines:
                         self.log.error("container_output", instance=rec.instance, line=line)
@@ -278,6 +280,7 @@ class Supervisor:
         rec.extra.pop("notified", None)
         rec.extra.pop("adopted", None)
         rec.extra.pop("oom", None)  # an OOM flag belongs to the run that died
+        rec.extra.pop("problem", None)
         rec.ip = None
         rec.extra["start_wall_ns"] = time.time_ns()  # older die events belong to older runs
         rec.extra["start_in_flight"] = True
@@ -343,7 +346,7 @@ class Supervisor:
             while not self._closed.is_set() and rec.generation == gen and \
                     time.monotonic() < limit:
                 result = check()
-                if isinstance(result, str):
+                if isinstance(result, tuple):
                     self.queue.put(ProbeMsg(inst, gen, False, result))
                     return
                 if result:
@@ -353,7 +356,7 @@ class Supervisor:
 
         self.pool.submit(run)
 
-    def _postgres_check(self, ip: str) -> Callable[[], bool | str]:
+    def _postgres_check(self, ip: str) -> Callable[[], bool | tuple[str, str]]:
         """Managed PostgreSQL is ready when the stack's role logs in with the stack's password.
         A rejected password is a problem no restart fixes: the image sets the password only
         when it initialises an empty data volume, so the volume remembers the first one."""
@@ -362,16 +365,18 @@ class Supervisor:
             return lambda: probes.postgres_accepts(ip, 5432, pg.user, pg.database)
         volume = self.layout.pg_volume
 
-        def check() -> bool | str:
+        def check() -> bool | tuple[str, str]:
             answer, text = probes.postgres_login(ip, 5432, pg.user, pg.database, password)
             if answer == probes.PASSWORD_REJECTED:
-                return (f"PostgreSQL rejects the password in {self.stack.postgres_password_file}"
-                        f": volume {volume} was initialised with another one (fix: put back "
-                        "the password file it was made with, or set the role's password to "
-                        "this one: docs/recovery.md, Lost secrets)")
+                return "password rejected", (
+                    f"PostgreSQL rejects the password in {self.stack.postgres_password_file}: "
+                    f"volume {volume} was initialised with another one (fix: put back the "
+                    "password file it was made with, or set the role's password to this one: "
+                    "docs/recovery.md, Lost secrets)")
             if answer == probes.REFUSED:
-                return (f"PostgreSQL refuses {pg.user}@{pg.database}: {text} (fix: see "
-                        f"docker logs {self.layout.container(POSTGRES)} and docs/recovery.md)")
+                return "login refused", (
+                    f"PostgreSQL refuses {pg.user}@{pg.database}: {text} (fix: see docker logs "
+                    f"{self.layout.container(POSTGRES)} and docs/recovery.md)")
             return answer == probes.LOGGED_IN
         return check
 
@@ -558,9 +563,10 @@ class Supervisor:
         if msg.generation != rec.generation or rec.state is not State.STARTING:
             return
         if msg.problem:
-            rec.last_exit_reason = msg.problem
-            transition(rec, State.FAILED, time.monotonic(), msg.problem)
-            self.log.error("failed", instance=rec.instance, reason=msg.problem)
+            rec.last_exit_reason, rec.extra["problem"] = msg.problem
+            transition(rec, State.FAILED, time.monotonic(), msg.problem[0])
+            self.log.error("failed", instance=rec.instance, reason=msg.problem[0],
+                           problem=msg.problem[1])
             self._update_phase()
             return
         if not msg.ok:

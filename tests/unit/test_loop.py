@@ -258,6 +258,7 @@ def test_a_password_postgres_rejects_fails_the_start_with_the_fix(make, monkeypa
     assert seen and seen[0][2] == sup.prepared.inputs.postgres_password
     assert len(seen) == 1  # no retry helps: asked once
     assert sup.records["postgres"].state is State.FAILED
+    assert sup.records["postgres"].last_exit_reason == "password rejected"  # short: a label
     assert "main" not in engine.started()
 
 
