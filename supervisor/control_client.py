@@ -101,6 +101,7 @@ def render_status(data: dict) -> str:
         c["image"] or "-") for c in data["containers"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"{c['instance']}: {c['problem']}" for c in data["containers"] if c.get("problem")]
     return "\n".join(lines)
 
 

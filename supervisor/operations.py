@@ -46,6 +46,7 @@ def container_row(sup: Supervisor, rec: Record) -> dict:
         "attempts": rec.attempts,
         "last_exit_code": rec.last_exit_code,
         "last_exit_reason": rec.last_exit_reason,
+        "problem": rec.extra.get("problem"),  # why a running container is failed, with the fix
         "backoff_seconds": round(rec.retry_at - now, 1) if rec.retry_at else None,
         "time_to_ready_seconds": round(rec.last_time_to_ready, 3)
         if rec.last_time_to_ready is not None else None,
