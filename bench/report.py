@@ -197,7 +197,7 @@ def markdown(res: dict) -> str:
             v = summ.get(k) or {}
             return f"{_f(v.get('median'))} / {_f(v.get('p99'))}" if v.get("n") else "-"
 
-        add(f"| **synapse-supervisor** (backoff 1 s ± 20 %) | {cell(so, 'die_to_start_event')} "
+        add(f"| **synapse-supervisor** (first retry at once) | {cell(so, 'die_to_start_event')} "
             f"| {cell(so, 'die_to_health')} | {cell(so, 'die_to_ready')} |")
         add(f"| Docker restart policy `always` | {cell(sd, 'die_to_start_event')} | "
             f"{cell(sd, 'die_to_health')} | {cell(sd, 'die_to_ready')} |")
