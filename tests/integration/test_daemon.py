@@ -310,6 +310,29 @@ def test_reload_adding_a_worker_touches_nothing_else(run):
     assert "sync-2" not in run.containers()
 
 
+def test_reload_after_a_mounted_registration_changed_recreates_the_synapse_processes(run):
+    reg = run.dir / "appservices" / "bridge.yaml"
+    data = yaml.safe_load(reg.read_text())
+    new_token = f"as-{uuid.uuid4().hex}"
+    data["as_token"] = new_token
+    reg.write_text(yaml.safe_dump(data))  # same owner and mode: written in place
+    before = {i: c.id for i, c in run.containers().items()}
+    code, out, err = run.ctl("reload", "--json")
+    assert code == 0, err
+    changes = {(c["action"], c["instance"]) for c in json.loads(out)["changes"]}
+    assert changes == {("recreate", i) for i in {"main"} | WORKER_NAMES}
+    after = {i: c.id for i, c in run.containers().items()}
+    for inst in before:  # PostgreSQL, Redis and the proxy kept; every Synapse process new
+        assert (after[inst] != before[inst]) == (inst in {"main"} | WORKER_NAMES), inst
+    assert run.status()["state"] == "ready"
+    for base in (run.client_url, f"http://{run.ip('sync-1')}:8008"):
+        code, who = http_json("GET", f"{base}/_matrix/client/v3/account/whoami",
+                              token=new_token)
+        assert code == 200 and who["user_id"] == f"@bridge:{run.name}.test", (base, code, who)
+        code, _ = http_json("GET", f"{base}/_matrix/client/v3/account/whoami", token=AS_TOKEN)
+        assert code == 401, base  # the old token is gone everywhere
+
+
 def test_sigterm_stops_in_reverse_order_and_keeps_volumes(run, docker_client):
     t0 = time.time()
     assert run.stop_daemon(signal.SIGTERM) == 0
