@@ -20,6 +20,7 @@ import time
 
 from . import __version__, logs, sd_notify
 from .docker_adapter import DockerEngine
+from .engine import Engine
 from .errors import (ConfigError, OneLineArgumentParser, StartFailed, SupervisorError,
                      exit_code_for)
 from .control import ControlServer
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(prepared, engine, log, lock_fd)
 
 
-def run(prepared, engine: DockerEngine, log, lock_fd: int) -> int:
+def run(prepared, engine: Engine, log, lock_fd: int) -> int:
     last_status = [""]
 
     targets_file = prepared.stack.state_dir / "prometheus-targets.json"

@@ -13,12 +13,12 @@ import shutil
 
 from . import lifecycle
 from .containers import layout_of
-from .docker_adapter import DockerEngine
+from .engine import Engine
 from .errors import SupervisorError, UsageError
 from .stack import Stack
 
 
-def destroy(stack: Stack, engine: DockerEngine, keep_volumes: bool) -> dict:
+def destroy(stack: Stack, engine: Engine, keep_volumes: bool) -> dict:
     found = engine.list_stack(stack.name)
     order = {name: n for n, level in enumerate(lifecycle.levels(lifecycle.dependents(
         lifecycle.dependencies(stack)))) for name in level}

@@ -3,14 +3,14 @@
 `DockerEngine` turns `ContainerSpec`s into containers, finds the stack's containers by label
 (never anything else), stops and starts them, reads their state, logs and the event stream, and
 turns docker-py errors into ours. It returns plain records (`ContainerInfo`), so the lifecycle
-and the daemon never see docker-py objects; a Swarm backend can stand beside this class.
+and the daemon never see docker-py objects. It implements `engine.Engine`, the contract a Swarm
+backend would implement beside it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import docker
@@ -19,44 +19,13 @@ from docker.types import Mount as DockerMount
 
 from .containers import (LABEL_HASH, LABEL_INSTANCE, LABEL_ROLE, LABEL_STACK, ContainerSpec,
                          StackLayout)
-from .errors import DockerUnavailable, SupervisorError
+from .engine import ContainerEvent, ContainerInfo, EngineError, StaleTask
+from .errors import DockerUnavailable
 
 
-@dataclass(frozen=True)
-class ContainerInfo:
-    container_id: str
-    name: str
-    instance: str
-    role: str
-    config_hash: str
-    status: str  # created, running, exited, ...
-    running: bool
-    exit_code: int | None
-    oom_killed: bool
-    started_at: str
-    finished_at: str
-    ip: str | None
-    image: str
-
-
-@dataclass(frozen=True)
-class ContainerEvent:
-    action: str  # start, die, oom, kill, stop, destroy, ...
-    container_id: str
-    instance: str
-    exit_code: int | None
-    time_nano: int
-
-
-class DockerError(SupervisorError):
-    exit_code = 1
-
-
-class StaleTask(DockerError):
-    """The engine refuses to start a container because containerd still holds a task for it
-    ("task <id>: already exists"). It happens when a start call raced dockerd's shutdown: the
-    task outlived the engine, and no later start of that container can succeed. The way out
-    is to remove the container and create it again."""
+# The backend's error and record types live with the contract (engine.py); kept importable
+# from here under their old names.
+DockerError = EngineError
 
 
 class DockerEngine:

@@ -5,7 +5,8 @@ notify listener thread), probe results and API-call results (a small thread pool
 requests and signals all arrive on `self.queue`; only the loop thread reads it and changes a
 `Record`. The ordering comes from `lifecycle`: start tier by tier (members in parallel, each
 waited for until ready), stop the same graph inverted, and after a crash restore what is down
-dependency-first, with exponential backoff. Docker is reached only through `DockerEngine`.
+dependency-first, with exponential backoff. Containers are reached only through an
+`engine.Engine` (today `DockerEngine`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 from . import lifecycle, probes, proxy_config
 from .containers import SYNAPSE_UID, ContainerSpec, image_keys, layout_of, specs
-from .docker_adapter import ContainerEvent, DockerEngine, StaleTask
+from .engine import ContainerEvent, Engine, StaleTask
 from .errors import ConfigError, StartFailed
 from .lifecycle import Observed
 from .notify_listener import NotifyListener
@@ -93,7 +94,7 @@ class CallMsg:
 
 
 class Supervisor:
-    def __init__(self, prepared: Prepared, engine: DockerEngine, log,
+    def __init__(self, prepared: Prepared, engine: Engine, log,
                  on_change: Callable[["Supervisor"], None] | None = None) -> None:
         self.prepared = prepared
         self.stack = prepared.stack

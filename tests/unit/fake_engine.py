@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from supervisor.docker_adapter import ContainerEvent, ContainerInfo, StaleTask
+from supervisor.engine import ContainerEvent, ContainerInfo, StaleTask
 
 
 class FakeEngine:
