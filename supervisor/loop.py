@@ -27,7 +27,7 @@ from .lifecycle import Observed
 from .notify_listener import NotifyListener
 from .oom import kernel_oom_killed
 from .prepare import Prepared
-from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS
+from .stack import CLIENT_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS, Stack
 from .state import (Record, State, exit_reason, next_delay, record_death,
                     transition)
 from .statedir import materialize
@@ -93,6 +93,18 @@ class CallMsg:
     reply: "queue.Queue[tuple[bool, Any]]" = field(default_factory=lambda: queue.Queue(1))
 
 
+def local_images(engine: Engine, stack: Stack) -> dict[str, str]:
+    """The local ID of every image the stack runs; a missing one is bad input naming its key
+    (the daemon never pulls)."""
+    ids = {}
+    for key, img in image_keys(stack):
+        ids[img] = engine.image_id(img) or ""
+        if not ids[img]:
+            raise ConfigError(stack.stack_file, key, f"image {img} is not in the local Docker "
+                              "engine", "run image/build, or name a built image")
+    return ids
+
+
 class Supervisor:
     def __init__(self, prepared: Prepared, engine: Engine, log,
                  on_change: Callable[["Supervisor"], None] | None = None) -> None:
@@ -138,12 +150,7 @@ class Supervisor:
     def prepare_docker(self) -> None:
         """Write the state directory, make the network and volumes, then converge containers
         (adopt what matches, create what is missing, recreate what changed)."""
-        images = {img: self.engine.image_id(img) for img in self._images()}
-        for key, img in image_keys(self.stack):
-            if not images.get(img):
-                raise ConfigError(self.stack.stack_file, key, f"image {img} is not in the local "
-                                  "Docker engine", "run image/build, or name a built image")
-        self.specs = specs(self.prepared, {k: v or "" for k, v in images.items()})
+        self.specs = specs(self.prepared, local_images(self.engine, self.stack))
         changed = materialize(self.prepared)
         if changed:
             self.log.info("state_written", files=len(changed))
@@ -158,9 +165,6 @@ class Supervisor:
                 self.notify.add(inst, self.layout.notify_dir(inst), uid=SYNAPSE_UID)
         self._start_event_thread()
         self._converge()
-
-    def _images(self) -> set[str]:
-        return {img for _, img in image_keys(self.stack)}
 
     def _converge(self) -> None:
         found = self.engine.list_stack(self.stack.name)

@@ -14,10 +14,10 @@ import time
 import urllib.error
 import urllib.request
 
-from .containers import SYNAPSE_UID, image_keys, layout_of, specs
+from .containers import SYNAPSE_UID, layout_of, specs
 from .errors import ConfigError, SupervisorError
 from .lifecycle import Tier
-from .loop import Supervisor
+from .loop import Supervisor, local_images
 from .prepare import prepare
 from .stack import CLIENT_PORT, MAIN, METRICS_PORT
 from .state import Record, State
@@ -120,15 +120,10 @@ def reload(sup: Supervisor) -> dict:
     if new.stack.name != sup.stack.name:
         raise OperationError("invalid_stack", f"{sup.stack.stack_file}: name: a running stack "
                              "cannot be renamed (fix: stop it and start the new name)", 2)
-    wanted = image_keys(new.stack)
-    images = {img: sup.engine.image_id(img) for _, img in wanted}
-    for key, img in wanted:
-        if not images[img]:
-            raise OperationError("invalid_stack", str(ConfigError(
-                new.stack.stack_file, key, f"image {img} is not in the local Docker engine",
-                "run image/build, or name a built image")), exit_code=2)
-    images = {k: v or "" for k, v in images.items()}
-    new_specs = specs(new, images)
+    try:
+        new_specs = specs(new, local_images(sup.engine, new.stack))
+    except ConfigError as err:  # an image it names is missing: nothing was stopped
+        raise OperationError("invalid_stack", str(err), exit_code=2) from None
     old_specs = sup.specs
     changes = []
     for inst in new_specs:
