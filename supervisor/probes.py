@@ -24,12 +24,17 @@ import urllib.request
 REPLICATION_METRIC = "synapse_replication_tcp_resource_total_connections"
 
 
-def postgres_accepts(host: str, port: int, user: str, database: str, timeout: float = 1.0) -> bool:
+def _startup_message(user: str, database: str) -> bytes:
+    """PostgreSQL's StartupMessage, protocol 3.0."""
     params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
-    body = struct.pack("!I", 196608) + params  # protocol 3.0
+    body = struct.pack("!I", 196608) + params
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def postgres_accepts(host: str, port: int, user: str, database: str, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack("!I", len(body) + 4) + body)
+            sock.sendall(_startup_message(user, database))
             reply = sock.recv(1)
     except OSError:
         return False
@@ -77,11 +82,9 @@ def postgres_login(host: str, port: int, user: str, database: str, password: str
     if not password.isascii():  # SCRAM wants SASLprep of such passwords: only ask "accepting?"
         ok = postgres_accepts(host, port, user, database, timeout)
         return (LOGGED_IN if ok else NOT_READY), ""
-    params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
-    body = struct.pack("!I", 196608) + params
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack("!I", len(body) + 4) + body)
+            sock.sendall(_startup_message(user, database))
             nonce = base64.b64encode(os.urandom(18)).decode()
             client_first_bare = f"n=,r={nonce}"
             salted = auth_message = None
