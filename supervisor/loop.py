@@ -321,11 +321,10 @@ class Supervisor:
 
     def _replace_container(self, rec: Record, spec: ContainerSpec, old: str, why: str) -> str:
         """(Worker thread.) Remove a container the engine can no longer start and create it
-        again from its spec; volumes are kept. Its `destroy` event is not a death."""
+        again from its spec; volumes are kept. The start call is still in flight meanwhile, so
+        the old container's `destroy` event and a relist that misses it are not deaths."""
         self.log.warning("container_replaced", instance=rec.instance, container=old[:12],
                          reason=why[:200])
-        # Queued before the removal, so the loop knows of it before the destroy event.
-        self.queue.put(CallMsg(lambda s: rec.extra.__setitem__("replaced", old)))
         self.engine.remove(old)
         cid = self.engine.create(spec)
         self.queue.put(CallMsg(lambda s, c=cid: setattr(rec, "container_id", c)))
@@ -454,6 +453,12 @@ class Supervisor:
             self._relist("periodic")
         self.proxy.maybe_reload()
 
+    @staticmethod
+    def _start_pending(rec: Record) -> bool:
+        """Its start call has not returned: the container may be being created or replaced,
+        so what Docker shows of it now is not news about its run."""
+        return rec.state is State.STARTING and bool(rec.extra.get("start_in_flight"))
+
     def _deps_ready(self, inst: str) -> bool:
         return all(self.records[d].state is State.READY for d in self.deps[inst])
 
@@ -467,7 +472,7 @@ class Supervisor:
 
     def _on_docker(self, ev: ContainerEvent) -> None:
         rec = self._record_for(ev)
-        if rec is None or ev.container_id == rec.extra.get("replaced"):
+        if rec is None:
             return
         if ev.action in ("oom", "die") and ev.time_nano < rec.extra.get("start_wall_ns", 0):
             return  # news of a run before our latest start call
@@ -476,6 +481,8 @@ class Supervisor:
         elif ev.action == "die":
             self._on_death(rec, ev.exit_code)
         elif ev.action == "destroy":
+            if self._start_pending(rec):
+                return  # removed by its own start call (replaced); the new ID is on the way
             rec.container_id = None
             if rec.state in (State.READY, State.STARTING):
                 self._on_death(rec, None)
@@ -597,7 +604,7 @@ class Supervisor:
             self.log.warning("relist_failed", error=str(err)[:200])
             return
         for rec in self.records.values():
-            if rec.state is State.STARTING and rec.extra.get("start_in_flight"):
+            if self._start_pending(rec):
                 continue  # its start call (maybe creating or replacing it) has not returned
             info = found.get(rec.container_id or "")
             if rec.state in (State.READY, State.STARTING) and (info is None or
