@@ -16,8 +16,8 @@ from pathlib import Path
 from . import catalogue, proxy_config
 from .lint import host_port
 from .prepare import Prepared
-from .stack import (CLIENT_PORT, FEDERATION_PORT, MAIN, METRICS_PORT, POSTGRES, PROXY, REDIS,
-                    Instance, Resources, Stack)
+from .stack import (CLIENT_PORT, FEDERATION_PORT, MAIN, METRICS_PORT, NOTIFY_DIR, POSTGRES,
+                    PROXY, REDIS, SYNAPSE_UID, Instance, Resources, Stack)
 
 LABEL_PREFIX = "synapse-supervisor"
 LABEL_STACK = f"{LABEL_PREFIX}.stack"
@@ -25,9 +25,7 @@ LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"
 LABEL_ROLE = f"{LABEL_PREFIX}.role"
 LABEL_HASH = f"{LABEL_PREFIX}.config-hash"
 
-SYNAPSE_UID = 991  # the image's `synapse` user
 POSTGRES_UID = 999  # the postgres image's `postgres` user
-NOTIFY_DIR = "/run/synapse-notify"
 NOTIFY_SOCKET = f"{NOTIFY_DIR}/notify.sock"
 
 

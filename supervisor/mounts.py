@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError
-from .stack import FileMount, Stack
+from .stack import SYNAPSE_OWN_PATHS, SYNAPSE_UID, FileMount, Stack
 
-SYNAPSE_ID = 991  # uid and gid of the image's synapse user
 MAX_ENTRIES = 2000  # a mount is for config files, not data
 FILE_KEY_SUFFIXES = ("_path", "_file", "_files", "_dir", "_directory")
 NOT_READ = ("pid_file", "worker_pid_file", "log_file")  # written, or unused under Docker
-# Where our own files are seen in the containers: not the operator's to mount.
-OWN_PREFIXES = ("/conf/", "/synapse_media", "/tmp/", "/run/synapse-notify/")
 
 
 def file_settings(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
@@ -51,10 +48,9 @@ def file_settings(config: Any, where: str = "") -> Iterator[tuple[str, str]]:
 
 def mount_of(mounts: tuple[FileMount, ...], container_path: str) -> FileMount | None:
     """The mount that shows `container_path` (the deepest one), or None."""
-    path = posixpath.normpath(container_path)
     best = None
     for m in mounts:
-        if path == m.target or path.startswith(m.target.rstrip("/") + "/"):
+        if within(container_path, (m.target,)):
             if best is None or len(m.target) > len(best.target):
                 best = m
     return best
@@ -69,15 +65,21 @@ def outside_mounts(stack: Stack, config: dict) -> list[tuple[str, str]]:
     """File settings that no mount (and nothing of ours) shows: Synapse looks for them in its
     image, which is right only for an image of the operator's own."""
     return [(key, value) for key, value in file_settings(config)
-            if not value.startswith(OWN_PREFIXES) and mount_of(stack.mounts, value) is None]
+            if not within(value, SYNAPSE_OWN_PATHS) and mount_of(stack.mounts, value) is None]
+
+
+def within(path: str, roots) -> bool:
+    """Whether a container path is one of `roots` or below one."""
+    path = posixpath.normpath(path)
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def _readable(st: os.stat_result, need: int) -> bool:
     """Whether uid/gid 991 has `need` (a mask of r=4, x=1) on a file with this stat."""
     mode = st.st_mode
-    if st.st_uid == SYNAPSE_ID:
+    if st.st_uid == SYNAPSE_UID:
         return (mode >> 6) & need == need
-    if st.st_gid == SYNAPSE_ID:
+    if st.st_gid == SYNAPSE_UID:
         return (mode >> 3) & need == need
     return mode & need == need
 
@@ -124,8 +126,8 @@ def check_sources(stack: Stack) -> str:
             if not _readable(st, 5 if is_dir else 4):
                 what = "directory" if is_dir else "file"
                 raise ConfigError(stack.stack_file, key, f"{entry}: {what} not readable by "
-                                  f"uid {SYNAPSE_ID} (Synapse's user in the containers)",
-                                  f"chown {SYNAPSE_ID}:{SYNAPSE_ID} {entry}, or chmod "
+                                  f"uid {SYNAPSE_UID} (Synapse's user in the containers)",
+                                  f"chown {SYNAPSE_UID}:{SYNAPSE_UID} {entry}, or chmod "
                                   f"{'o+rx' if is_dir else 'o+r'} it")
             rel = "." if entry == m.source else str(entry.relative_to(real))
             digest.update(f"{n}\0{m.target}\0{rel}\0".encode())

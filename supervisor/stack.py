@@ -21,6 +21,11 @@ METRICS_PORT = 9000
 REPLICATION_PORT = 9093
 POSTGRES_PORT = 5432
 REDIS_PORT = 6379
+# The Synapse image's user, and the container paths the stack itself provides to every
+# Synapse process (config, media, the sd_notify socket's directory, a tmpfs).
+SYNAPSE_UID = 991
+NOTIFY_DIR = "/run/synapse-notify"
+SYNAPSE_OWN_PATHS = ("/conf", "/synapse_media", NOTIFY_DIR, "/tmp")
 
 
 @dataclass(frozen=True)

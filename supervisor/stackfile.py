@@ -16,17 +16,19 @@ import yaml
 
 from . import catalogue, schema
 from .errors import ConfigError
-from .stack import (MAIN, POSTGRES, PROXY, REDIS, DaemonSettings, FileMount, Images, Instance,
-                    Postgres, Proxy, Publish, Redis, Resources, RestartPolicy, Stack)
+from .mounts import within
+from .stack import (MAIN, POSTGRES, PROXY, REDIS, SYNAPSE_OWN_PATHS, DaemonSettings, FileMount,
+                    Images, Instance, Postgres, Proxy, Publish, Redis, Resources, RestartPolicy,
+                    Stack)
 
 DEFAULT_STACK_FILE = "stack.yaml"
 RESERVED = (MAIN, POSTGRES, REDIS, PROXY)
 # Container paths a mount may not cover or replace: ours (config, media, notify socket, /tmp)
 # and the image's system directories.
-MOUNT_FORBIDDEN_UNDER = ("/conf", "/synapse_media", "/run/synapse-notify", "/tmp", "/proc",
-                         "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt/synapse",
-                         "/etc/ssl", "/etc/ca-certificates", "/etc/hosts", "/etc/hostname",
-                         "/etc/resolv.conf", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
+MOUNT_FORBIDDEN_UNDER = SYNAPSE_OWN_PATHS + (
+    "/proc", "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/opt/synapse", "/etc/ssl",
+    "/etc/ca-certificates", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/passwd",
+    "/etc/group", "/etc/nsswitch.conf")
 MOUNT_FORBIDDEN_EXACT = ("/", "/etc", "/run", "/var", "/opt", "/home", "/root")
 
 
@@ -125,9 +127,8 @@ def _mounts(path: Path, items: list[dict], base: Path) -> tuple[FileMount, ...]:
         # normpath keeps a leading "//"; Docker would not: collapse repeated slashes first
         target = posixpath.normpath(re.sub("/+", "/", item["target"]))
         where = f"mounts[{n}].target"
-        if target in MOUNT_FORBIDDEN_EXACT or any(
-                target == p or target.startswith(p + "/") or p.startswith(target + "/")
-                for p in MOUNT_FORBIDDEN_UNDER):
+        if target in MOUNT_FORBIDDEN_EXACT or within(target, MOUNT_FORBIDDEN_UNDER) or any(
+                within(p, (target,)) for p in MOUNT_FORBIDDEN_UNDER):
             raise ConfigError(path, where, f"{target} would hide or replace a path the "
                               "containers need", "mount under a directory of your own, e.g. "
                               "/etc/synapse-extra or /data")
@@ -136,7 +137,7 @@ def _mounts(path: Path, items: list[dict], base: Path) -> tuple[FileMount, ...]:
                 raise ConfigError(path, where, f"{target} is already the target of another "
                                   "mount", "give each mount its own target")
             inner, outer = sorted((target, other.target), key=len, reverse=True)
-            if inner.startswith(outer.rstrip("/") + "/"):
+            if within(inner, (outer,)):
                 raise ConfigError(path, where, f"{inner} is inside the target {outer} of another "
                                   "mount (a read-only mount cannot hold another)",
                                   "mount the outer directory only, with the files inside it")
