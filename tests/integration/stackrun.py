@@ -7,6 +7,7 @@ it through `synapsectl` and the Matrix client API, as an operator would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +40,13 @@ def processes():
         if args and args[-1] == b"":
             args.pop()
         yield int(entry.name), args
+
+
+def edit_yaml(path: Path, change) -> None:
+    """Load a YAML file, let `change` modify the data in place, write it back."""
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def free_port() -> int:
@@ -144,6 +152,17 @@ class StackRun:
              "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         return self.proc
+
+    @contextlib.contextmanager
+    def serving(self):
+        """The daemon started and the stack ready for the `with` block; everything of the
+        stack removed afterwards (also when the start fails)."""
+        try:
+            self.start_daemon()
+            self.wait_ready()
+            yield self
+        finally:
+            self.cleanup()
 
     def wait_ready(self, timeout: float = 240) -> dict:
         deadline = time.monotonic() + timeout

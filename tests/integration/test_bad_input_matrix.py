@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.stackrun import (REPO, VENV_BIN, StackRun, docker_changes,
+from tests.integration.stackrun import (REPO, VENV_BIN, StackRun, docker_changes, edit_yaml,
                                         docker_objects, free_port, http_request, raw_control)
 
 DAEMON = [sys.executable, "-m", "supervisor.daemon"]
@@ -50,12 +50,8 @@ def running(docker_client, images, tmp_path_factory):
     name = f"sstbr{uuid.uuid4().hex[:6]}"
     run = StackRun(tmp_path_factory.mktemp("badinput") / "stack", name, {"sync": 1},
                    docker_client)
-    try:
-        run.start_daemon()
-        run.wait_ready()
+    with run.serving():
         yield run
-    finally:
-        run.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +63,9 @@ def template(tmp_path_factory, images) -> Path:
                                  name, "--isolated", "--client-port", str(free_port()),
                                  "--federation-port", str(free_port()), "--metrics-port",
                                  str(free_port())], check=True, capture_output=True)
-    edit(directory / "stack.yaml", lambda d: d["daemon"].update(
+    edit_yaml(directory / "stack.yaml", lambda d: d["daemon"].update(
         control_socket=str(directory / "control.sock")))
-    edit(directory / "stack.yaml", lambda d: d.update(workers={"sync": 1}))
+    edit_yaml(directory / "stack.yaml", lambda d: d.update(workers={"sync": 1}))
     return directory
 
 
@@ -77,7 +73,7 @@ def template(tmp_path_factory, images) -> Path:
 def case_dir(template, tmp_path, docker_client) -> Path:
     target = tmp_path / "stack"
     shutil.copytree(template, target)
-    edit(target / "stack.yaml", lambda d: d["daemon"].update(
+    edit_yaml(target / "stack.yaml", lambda d: d["daemon"].update(
         control_socket=str(target / "control.sock")))
     name = yaml.safe_load((target / "stack.yaml").read_text())["name"]
     yield target
@@ -91,12 +87,6 @@ def case_dir(template, tmp_path, docker_client) -> Path:
         v.remove(force=True)
 
 
-def edit(path: Path, change) -> None:
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 # ------------------------------------------------------------------- mutations (daemon)
 
 
@@ -107,7 +97,7 @@ def stack_set(*keys, value):
             for key in keys[:-1]:
                 node = node.setdefault(key, {})
             node[keys[-1]] = value
-        edit(d / "stack.yaml", apply)
+        edit_yaml(d / "stack.yaml", apply)
     return change
 
 
@@ -118,16 +108,16 @@ def stack_drop(*keys):
             for key in keys[:-1]:
                 node = node[key]
             del node[keys[-1]]
-        edit(d / "stack.yaml", apply)
+        edit_yaml(d / "stack.yaml", apply)
     return change
 
 
 def hs_set(key, value):
-    return lambda d: edit(d / "homeserver.yaml", lambda data: data.__setitem__(key, value))
+    return lambda d: edit_yaml(d / "homeserver.yaml", lambda data: data.__setitem__(key, value))
 
 
 def hs_drop(key):
-    return lambda d: edit(d / "homeserver.yaml", lambda data: data.pop(key))
+    return lambda d: edit_yaml(d / "homeserver.yaml", lambda data: data.pop(key))
 
 
 def write(name, text):

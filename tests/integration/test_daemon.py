@@ -21,7 +21,8 @@ import uuid
 import pytest
 import yaml
 
-from tests.integration.stackrun import StackRun, http_json, metric_sum, metrics_text
+from tests.integration.stackrun import (StackRun, edit_yaml, http_json, metric_sum,
+                                        metrics_text)
 
 WORKERS = {"sync": 1, "event_persister": 1, "federation_sender": 1}
 INFRA = {"postgres", "redis"}
@@ -62,12 +63,10 @@ def add_appservice(stack: StackRun) -> None:
         "sender_localpart": "bridge", "namespaces": {"users": [], "aliases": [], "rooms": []}}))
     os.chown(reg, 991, 991)
     reg.chmod(0o600)
-    for name, change in (("stack.yaml", lambda d: d.update(mounts=[
-            {"source": "appservices", "target": "/etc/synapse-extra/appservices"}])),
-            ("homeserver.yaml", lambda d: d.update(app_service_config_files=[REGISTRATION]))):
-        data = yaml.safe_load((stack.dir / name).read_text())
-        change(data)
-        (stack.dir / name).write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(stack.stack_file, lambda d: d.update(mounts=[
+        {"source": "appservices", "target": "/etc/synapse-extra/appservices"}]))
+    edit_yaml(stack.dir / "homeserver.yaml",
+              lambda d: d.update(app_service_config_files=[REGISTRATION]))
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +75,8 @@ def run(docker_client, images, tmp_path_factory, decoy):
     stack = StackRun(tmp_path_factory.mktemp("daemon") / "stack", name, dict(WORKERS),
                      docker_client)
     add_appservice(stack)
-    stack.start_daemon()
-    try:
-        stack.wait_ready()
+    with stack.serving():
         yield stack
-    finally:
-        stack.cleanup()
 
 
 def test_start_order_in_dockers_event_stream(run):

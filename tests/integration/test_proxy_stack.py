@@ -30,12 +30,8 @@ def run(docker_client, images, tmp_path_factory):
     name = f"ssp{uuid.uuid4().hex[:6]}"
     stack = StackRun(tmp_path_factory.mktemp("proxy") / "stack", name, dict(WORKERS),
                      docker_client, restart={"initial_delay": 0.5})
-    stack.start_daemon()
-    try:
-        stack.wait_ready()
+    with stack.serving():
         yield stack
-    finally:
-        stack.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -79,12 +79,8 @@ def secured(docker_client, images, tmp_path_factory, decoy):
     data["redis"]["resources"] = LIMITS["redis"]
     run.stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
     run.federation_port = int(data["publish"]["federation"].rsplit(":", 1)[1])
-    try:
-        run.start_daemon()
-        run.wait_ready()
+    with run.serving():
         yield run
-    finally:
-        run.cleanup()
 
 
 # ---------------------------------------------------------------------------- ports
