@@ -431,7 +431,7 @@ class Supervisor:
                 break  # nothing is (re)started while the stack stops
             if rec.state is State.BACKOFF and rec.retry_at is not None and now >= rec.retry_at:
                 if self._deps_ready(rec.instance):
-                    if not rec.extra.pop("docker_down", False):  # a retry is not a restart
+                    if not rec.extra.pop("start_retry", False):  # a retry is not a restart
                         rec.restarts += 1
                     self._start(rec, f"restart after {rec.last_exit_reason}")
                 else:
@@ -544,11 +544,7 @@ class Supervisor:
         if msg.error and msg.docker_down:
             # dockerd is away (restarting?): try again without counting it against the container
             self.log.warning("docker_unreachable", instance=rec.instance, error=msg.error[:200])
-            now = time.monotonic()
-            transition(rec, State.BACKOFF, now, "Docker engine unreachable")
-            rec.extra["docker_down"] = True
-            rec.backoff_delay = DOCKER_RETRY
-            rec.retry_at = now + DOCKER_RETRY
+            self._retry_start(rec, DOCKER_RETRY, "Docker engine unreachable")
             return
         if msg.error:
             # The start call itself was refused (engine shutting down, a mount or port
@@ -558,17 +554,22 @@ class Supervisor:
             rec.extra["start_errors"] = errors
             rec.last_exit_reason = f"start refused: {msg.error[:120]}"
             self.log.error("start_failed", instance=rec.instance, error=msg.error, tries=errors)
-            now = time.monotonic()
-            rec.backoff_delay = next_delay(self.policy, errors + 1)
-            transition(rec, State.BACKOFF, now, rec.last_exit_reason)
-            rec.retry_at = now + rec.backoff_delay
-            rec.extra["docker_down"] = True  # a retry, not a restart
+            self._retry_start(rec, next_delay(self.policy, errors + 1), rec.last_exit_reason)
             self._update_phase()
             return
         rec.ip = msg.ip
         # Synapse: wait for its own READY=1 before probing replication.
         if not self.specs[rec.instance].synapse or rec.extra.get("notified") == rec.generation:
             self._probe(rec)
+
+    def _retry_start(self, rec: Record, delay: float, why: str) -> None:
+        """Make the start call again after `delay`: a retry, not a restart (not counted, and
+        no restart attempt spent)."""
+        now = time.monotonic()
+        transition(rec, State.BACKOFF, now, why)
+        rec.backoff_delay = delay
+        rec.retry_at = now + delay
+        rec.extra["start_retry"] = True
 
     def _on_probe(self, msg: ProbeMsg) -> None:
         rec = self.records[msg.instance]
